@@ -1,0 +1,35 @@
+"""The service's small error hierarchy.
+
+Every failure the service reports is one of these. Messages name the input and where it came from,
+so an operator can fix the problem from the log line alone. They become gRPC statuses in exactly one
+place (``service``).
+"""
+
+from __future__ import annotations
+
+
+class RateLimitSvcError(Exception):
+    """Base class of every error raised on purpose by ratelimit-svc."""
+
+
+class SettingsError(RateLimitSvcError):
+    """An environment variable holds a value that cannot be used; startup stops."""
+
+
+class ConfigError(RateLimitSvcError):
+    """A rate-limit configuration file (or xDS resource) is invalid; the old config stays."""
+
+
+class BackendError(RateLimitSvcError):
+    """The counter backend failed or timed out (answered as gRPC UNAVAILABLE)."""
+
+
+class RequestError(RateLimitSvcError):
+    """The request itself is invalid (answered as gRPC INVALID_ARGUMENT)."""
+
+
+class NoConfigError(RateLimitSvcError):
+    """No rate-limit configuration was ever loaded (answered as gRPC UNAVAILABLE)."""
+
+    def __init__(self) -> None:
+        super().__init__("no rate limit configuration loaded")

@@ -1,0 +1,36 @@
+"""Rate-limit decisions over a counter store (placeholder: the seam only; logic follows)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+
+class Increment(NamedTuple):
+    """Add ``hits`` to counter ``key``; the counter's window is ``window`` seconds long and it may be
+    dropped ``ttl`` seconds from now (window length plus jitter)."""
+
+    key: str
+    hits: int
+    window: int
+    ttl: int
+
+
+class CounterStore(Protocol):
+    """The whole backend contract. All rate-limit logic lives in this module, never in a store."""
+
+    async def increment(self, increments: Sequence[Increment]) -> list[int]:
+        """Apply every increment in one round trip; return each counter's value after it."""
+        ...
+
+    async def get(self, keys: Sequence[str]) -> list[int]:
+        """Current values of the counters (0 for a missing one), in one round trip."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise BackendError unless the backend answers."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and background tasks."""
+        ...
