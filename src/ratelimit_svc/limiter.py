@@ -1,13 +1,32 @@
-"""Rate-limit decisions over a counter store (placeholder: the seam only; logic follows)."""
+"""Rate-limit decisions over a counter store (SPEC 5).
+
+All rate-limit logic lives here, once, for every backend: matching each request descriptor, the
+fixed-window counter keys, the local over-limit cache, the per-descriptor decision (a pure function,
+``decide``), the stats arithmetic, the overall code, response headers and dynamic metadata. Stores
+only add numbers to keys. Nothing here touches protobuf; ``service`` translates.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+import enum
+import math
+import random
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+from .config import RateLimitConfig, Rule, Unit
+from .errors import NoConfigError, RequestError
+from .localcache import LocalCache
+from .matching import Entry, Match, Override, match
+
+MAX_UINT32 = 2**32 - 1
 
 
 class Increment(NamedTuple):
-    """Add ``hits`` to counter ``key``; the counter's window is ``window`` seconds long and it may be
+    """Add ``hits`` to counter ``key``, whose window is ``window`` seconds long; the counter may be
     dropped ``ttl`` seconds from now (window length plus jitter)."""
 
     key: str
@@ -34,3 +53,356 @@ class CounterStore(Protocol):
     async def close(self) -> None:
         """Release connections and background tasks."""
         ...
+
+
+class Code(enum.IntEnum):
+    """Values are RateLimitResponse.Code's numbers."""
+
+    UNKNOWN = 0
+    OK = 1
+    OVER_LIMIT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDescriptor:
+    entries: tuple[Entry, ...]
+    override: Override | None = None
+    hits_addend: int | None = None  # None: the wrapper was absent
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    domain: str
+    descriptors: tuple[RequestDescriptor, ...]
+    hits_addend: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """One DescriptorStatus. ``rule`` is the current limit (None: no limit applied)."""
+
+    code: Code
+    rule: Rule | None = None
+    remaining: int = 0
+    reset_seconds: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    overall: Code
+    statuses: tuple[Status, ...]
+    headers: tuple[tuple[str, str], ...] = ()
+    dynamic_metadata: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class RuleCounts:
+    """Per-rule stat deltas of one decision (names as the reference's stats)."""
+
+    total_hits: int = 0
+    over_limit: int = 0
+    near_limit: int = 0
+    within_limit: int = 0
+    shadow_mode: int = 0
+    over_limit_with_local_cache: int = 0
+
+
+class StatsRecorder(Protocol):
+    """Where the limiter reports what it counted (``stats`` implements it)."""
+
+    def add(self, name: str, value: int = 1) -> None: ...
+
+    def add_rule(self, stats_key: str, counts: RuleCounts) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterOptions:
+    near_limit_ratio: float = 0.8
+    expiration_jitter_max_seconds: int = 300
+    cache_key_prefix: str = ""
+    local_cache_size_in_bytes: int = 0
+    stop_cache_key_increment_when_overlimit: bool = False
+    shadow_mode: bool = False
+    quota_mode: bool = False
+    response_headers: tuple[str, str, str] | None = None  # (limit, remaining, reset) names
+    dynamic_metadata: bool = False
+
+
+def near_threshold(limit: int, ratio: float) -> int:
+    """floor(float32(limit) * float32(ratio)), as the reference computes it."""
+    f32 = _float32(_float32(float(limit)) * _float32(ratio))
+    return math.floor(f32)
+
+
+def _float32(value: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", value))[0])
+
+
+def decide(
+    limit: int, hits: int, after: int, near: int, *, shadow: bool, cached: bool = False
+) -> tuple[Code, int, RuleCounts]:
+    """The pure fixed-window decision for one counted rule: (code, remaining, stat deltas).
+
+    ``after`` is the counter after adding ``hits`` (ignored when ``cached``: the local cache
+    already knows the key is over its limit).
+    """
+    counts = RuleCounts(total_hits=hits)
+    before = after - hits
+    if cached:
+        code, remaining = Code.OVER_LIMIT, 0
+        counts.over_limit = hits
+        counts.over_limit_with_local_cache = hits
+    elif after > limit:
+        code, remaining = Code.OVER_LIMIT, 0
+        counts.over_limit = hits if before >= limit else after - limit
+        if before < limit:
+            counts.near_limit = limit - max(near, before)
+    else:
+        code, remaining = Code.OK, limit - after
+        counts.within_limit = hits
+        if after > near:
+            counts.near_limit = hits if before >= near else after - near
+    if shadow and code is Code.OVER_LIMIT:
+        code = Code.OK
+        counts.shadow_mode = hits if cached or before >= limit else after - limit
+    return code, remaining, counts
+
+
+@dataclass(slots=True)
+class _Counted:
+    """A descriptor whose rule is counted in this request."""
+
+    index: int
+    match: Match
+    hits: int
+    key: str
+    window: int
+    reset: int
+    cached: bool = False
+    after: int = 0
+    increment: bool = True
+    quota: bool = False
+
+
+@dataclass
+class Limiter:
+    """Answers ShouldRateLimit for a config snapshot, counting in ``store``."""
+
+    store: CounterStore
+    stats: StatsRecorder
+    options: LimiterOptions = field(default_factory=LimiterOptions)
+    clock: Callable[[], float] = time.time
+    jitter: Callable[[int], int] = field(default=lambda n: random.randrange(n))
+    local_cache: LocalCache | None = None
+
+    def __post_init__(self) -> None:
+        if self.local_cache is None and self.options.local_cache_size_in_bytes > 0:
+            self.local_cache = LocalCache(self.options.local_cache_size_in_bytes)
+
+    async def should_rate_limit(
+        self, config: RateLimitConfig | None, request: Request
+    ) -> Decision:
+        if not request.domain:
+            raise RequestError("rate limit domain must not be empty")
+        if not request.descriptors:
+            raise RequestError("rate limit descriptor list must not be empty")
+        if config is None:
+            raise NoConfigError()
+
+        options = self.options
+        now = int(self.clock())
+        matches = self._match_all(config, request)
+        statuses: list[Status] = [Status(Code.OK)] * len(request.descriptors)
+        counted: list[_Counted] = []
+        for index, found in enumerate(matches):
+            if found is None:
+                continue
+            rule = found.rule
+            if rule.unlimited:
+                statuses[index] = Status(Code.OK, remaining=MAX_UINT32)
+                continue
+            descriptor = request.descriptors[index]
+            hits = (
+                descriptor.hits_addend
+                if descriptor.hits_addend is not None
+                else max(1, request.hits_addend)
+            )
+            window = rule.unit.seconds
+            into = now % window
+            counted.append(
+                _Counted(
+                    index=index,
+                    match=found,
+                    hits=hits,
+                    key=f"{options.cache_key_prefix}{found.key_body}{now - into}",
+                    window=window,
+                    reset=window - into,
+                    quota=rule.quota_mode or options.quota_mode,
+                )
+            )
+
+        if counted:
+            await self._count(counted, now)
+
+        for item in counted:
+            rule = item.match.rule
+            near = near_threshold(rule.requests_per_unit, options.near_limit_ratio)
+            code, remaining, counts = decide(
+                rule.requests_per_unit,
+                item.hits,
+                item.after,
+                near,
+                shadow=rule.shadow_mode,
+                cached=item.cached,
+            )
+            self.stats.add_rule(item.match.stats_key, counts)
+            cache = self.local_cache
+            if cache is not None and not item.cached and item.after > rule.requests_per_unit:
+                cache.add(item.key, now + item.reset)  # shadow-mode rules are cached too
+            statuses[item.index] = Status(code, rule, remaining, item.reset)
+
+        overall = self._overall(statuses, counted, matches)
+        if overall is Code.OVER_LIMIT and options.shadow_mode:
+            self.stats.add("ratelimit.service.global_shadow_mode")
+            overall = Code.OK
+        headers = self._headers(statuses, counted) if options.response_headers else ()
+        metadata = (
+            self._dynamic_metadata(request, statuses, matches) if options.dynamic_metadata else None
+        )
+        return Decision(overall, tuple(statuses), headers, metadata)
+
+    def _match_all(self, config: RateLimitConfig, request: Request) -> list[Match | None]:
+        matches: list[Match | None] = []
+        domain_known = request.domain in config.domains
+        for descriptor in request.descriptors:
+            if not domain_known:
+                self.stats.add(
+                    f"ratelimit.service.rate_limit.{request.domain}.domain_not_found"
+                )
+                matches.append(None)
+                continue
+            override = descriptor.override
+            if override is not None and override.unit is Unit.UNKNOWN:
+                raise RequestError(
+                    "rate limit override has an unknown unit "
+                    f"(descriptor {len(matches)}: {list(descriptor.entries)})"
+                )
+            matches.append(match(config, request.domain, descriptor.entries, override))
+        replaced = {name for m in matches if m is not None for name in m.rule.replaces}
+        if replaced:
+            matches = [
+                None if m is not None and m.rule.name and m.rule.name in replaced else m
+                for m in matches
+            ]
+        return matches
+
+    async def _count(self, counted: list[_Counted], now: int) -> None:
+        """Fill ``after`` (and ``cached``) for every counted descriptor."""
+        cache = self.local_cache
+        if cache is not None:
+            for item in counted:
+                item.cached = cache.contains(item.key, now)
+        pending = [item for item in counted if not item.cached]
+        if not pending:
+            return
+        if self.options.stop_cache_key_increment_when_overlimit:
+            current = await self.store.get([item.key for item in pending])
+            for item, value in zip(pending, current, strict=True):
+                item.after = value + item.hits
+            if len(pending) < len(counted):
+                return  # some key is over via the local cache: increment nothing
+            over = [i for i in pending if i.after > i.match.rule.requests_per_unit]
+            pending = over or pending
+        jitter_max = self.options.expiration_jitter_max_seconds
+        increments = [
+            Increment(
+                item.key,
+                item.hits,
+                item.window,
+                item.window + (self.jitter(jitter_max) if jitter_max > 0 else 0),
+            )
+            for item in pending
+        ]
+        values = await self.store.increment(increments)
+        for item, value in zip(pending, values, strict=True):
+            item.after = value
+
+    def _overall(
+        self, statuses: list[Status], counted: list[_Counted], matches: list[Match | None]
+    ) -> Code:
+        quota_statuses = []
+        for item in counted:
+            status = statuses[item.index]
+            if item.quota:
+                quota_statuses.append(status)
+            elif status.code is Code.OVER_LIMIT:
+                return Code.OVER_LIMIT
+        if not quota_statuses:
+            return Code.OK
+        if self.options.quota_mode and len(counted) < len(statuses):
+            return Code.OK  # descriptors without a counted rule pass as quota rules
+        if all(s.code is Code.OVER_LIMIT for s in quota_statuses):
+            return Code.OVER_LIMIT
+        return Code.OK
+
+    def _headers(
+        self, statuses: list[Status], counted: list[_Counted]
+    ) -> tuple[tuple[str, str], ...]:
+        names = self.options.response_headers
+        assert names is not None
+        quota = {item.index for item in counted if item.quota}
+        chosen: Status | None = None
+        for status in statuses:
+            if status.rule is None:
+                continue
+            if chosen is None or status.remaining < chosen.remaining:
+                chosen = status
+        for index, status in enumerate(statuses):
+            if status.code is Code.OVER_LIMIT and index not in quota:
+                chosen = status
+        if chosen is None or chosen.rule is None:
+            return ()
+        limit_name, remaining_name, reset_name = names
+        return (
+            (limit_name, str(chosen.rule.requests_per_unit)),
+            (remaining_name, str(chosen.remaining)),
+            (reset_name, str(chosen.reset_seconds)),
+        )
+
+    def _dynamic_metadata(
+        self, request: Request, statuses: list[Status], matches: list[Match | None]
+    ) -> dict[str, Any]:
+        descriptors: list[dict[str, Any]] = []
+        for descriptor in request.descriptors:
+            entry: dict[str, Any] = {"entries": [f"{k}={v}" for k, v in descriptor.entries]}
+            if descriptor.override is not None:
+                entry["limit"] = {
+                    "requestsPerUnit": descriptor.override.requests_per_unit,
+                    "unit": descriptor.override.unit.name,
+                }
+            if descriptor.hits_addend is not None:
+                entry["hitsAddend"] = descriptor.hits_addend
+            descriptors.append(entry)
+        result: dict[str, Any] = {"domain": request.domain, "descriptors": descriptors}
+        if request.hits_addend:
+            result["hitsAddend"] = request.hits_addend
+        merged: dict[str, Any] = {}
+        for found, status in zip(matches, statuses, strict=True):
+            if found is None or found.rule.metadata is None:
+                continue
+            if status.code is Code.OVER_LIMIT:
+                continue
+            _merge_first_wins(merged, found.rule.metadata)
+        if merged:
+            result["metadata"] = merged
+        return result
+
+
+def _merge_first_wins(into: dict[str, Any], new: Any) -> None:
+    for key, value in new.items():
+        if key not in into:
+            into[key] = value
+        elif isinstance(into[key], dict) and isinstance(value, dict):
+            merged = dict(into[key])
+            _merge_first_wins(merged, value)
+            into[key] = merged

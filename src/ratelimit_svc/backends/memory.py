@@ -1,0 +1,95 @@
+"""In-process counters (BACKEND_TYPE=memory, SPEC 6.5): same keys and windows as Redis, expired in
+the background. For a single instance, development and tests; ``make run`` uses it.
+
+Every operation completes without yielding to the event loop, so concurrent requests see each
+increment exactly once (the same guarantee a single Redis gives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ..limiter import Increment
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+SWEEP_INTERVAL_SECONDS = 1.0
+
+
+class MemoryStore:
+    """Counters in a dict: key → [value, expires_at]; expiry buckets per second for the sweep."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._counters: dict[str, list[int]] = {}
+        self._expiry_buckets: dict[int, set[str]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._counters)
+
+    def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def increment(self, increments: Sequence[Increment]) -> list[int]:
+        now = int(self._clock())
+        counters = self._counters
+        results = []
+        for key, hits, _window, ttl in increments:
+            entry = counters.get(key)
+            if entry is None or entry[1] <= now:
+                entry = counters[key] = [0, 0]
+            entry[0] += hits
+            expires_at = now + ttl
+            if entry[1] != expires_at:
+                entry[1] = expires_at
+                self._expiry_buckets.setdefault(expires_at, set()).add(key)
+            results.append(entry[0])
+        return results
+
+    async def get(self, keys: Sequence[str]) -> list[int]:
+        now = int(self._clock())
+        results = []
+        for key in keys:
+            entry = self._counters.get(key)
+            results.append(entry[0] if entry is not None and entry[1] > now else 0)
+        return results
+
+    async def ping(self) -> None:
+        return None
+
+    def sweep(self) -> int:
+        """Drop every expired counter; returns how many were dropped."""
+        now = int(self._clock())
+        dropped = 0
+        for second in [s for s in self._expiry_buckets if s <= now]:
+            for key in self._expiry_buckets.pop(second):
+                entry = self._counters.get(key)
+                if entry is not None and entry[1] <= now:
+                    del self._counters[key]
+                    dropped += 1
+        return dropped
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
+            self.sweep()
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+
+async def open_store(settings: Settings, clock: Callable[[], float]) -> MemoryStore:
+    store = MemoryStore(clock)
+    store.start()
+    return store

@@ -1,0 +1,455 @@
+"""Rate-limit configuration: the YAML schema, its validation, and the immutable rule tree.
+
+A load takes every config document at once and either returns a complete ``RateLimitConfig`` or
+raises ``ConfigError`` with the reference's message text, prefixed by the config name and followed
+by where in the file the problem is. YAML is walked as a node tree (not plain Python objects) so
+that scalars keep their source text (``value: 0123`` stays ``"0123"`` as in Go) and every error can
+name its line. The result is frozen: a reload builds a new one and swaps a single reference.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+VALID_KEYS = frozenset(
+    "domain key value descriptors rate_limit unit requests_per_unit unlimited shadow_mode "
+    "quota_mode name replaces detailed_metric value_to_metric share_threshold metadata".split()
+)
+
+_STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
+_BOOL = "tag:yaml.org,2002:bool"
+_NULL = "tag:yaml.org,2002:null"
+_LEAF_TAGS = frozenset({_STR, _INT, _BOOL, _NULL})
+_UINT32_MAX = 2**32 - 1
+
+
+class Unit(enum.IntEnum):
+    """Window units; values are the protobuf enum numbers (RateLimitResponse.RateLimit.Unit)."""
+
+    UNKNOWN = 0
+    SECOND = 1
+    MINUTE = 2
+    HOUR = 3
+    DAY = 4
+    MONTH = 5
+    YEAR = 6
+    WEEK = 7
+
+    @property
+    def seconds(self) -> int:
+        return _UNIT_SECONDS[self]
+
+
+_UNIT_SECONDS = {
+    Unit.UNKNOWN: 0,
+    Unit.SECOND: 1,
+    Unit.MINUTE: 60,
+    Unit.HOUR: 3600,
+    Unit.DAY: 86400,
+    Unit.WEEK: 604800,
+    Unit.MONTH: 2592000,
+    Unit.YEAR: 31536000,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A limit attached to a descriptor node (or built from a request's limit override)."""
+
+    requests_per_unit: int
+    unit: Unit
+    stats_key: str
+    name: str = ""
+    replaces: frozenset[str] = frozenset()
+    unlimited: bool = False
+    shadow_mode: bool = False
+    quota_mode: bool = False
+    detailed_metric: bool = False
+    metadata: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Node:
+    """One descriptor of the tree. ``children`` holds exact children by composite key (``k`` or
+    ``k_v``); ``wildcards`` holds, in config order, the children whose value contains ``*``."""
+
+    key: str
+    value: str
+    composite: str
+    rule: Rule | None = None
+    children: dict[str, Node] = field(default_factory=dict)
+    wildcards: list[tuple[re.Pattern[str], Node]] = field(default_factory=list)
+    value_to_metric: bool = False
+    share_threshold: bool = False
+
+    @property
+    def has_children(self) -> bool:
+        return bool(self.children)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """One complete, validated configuration: domain name → root node (children only)."""
+
+    domains: Mapping[str, Node]
+
+    def rules(self) -> Iterable[Rule]:
+        """Every rule, depth-first in config order (used by /rlconfig and tests)."""
+
+        def walk(node: Node) -> Iterable[Rule]:
+            for child in node.children.values():
+                if child.rule is not None:
+                    yield child.rule
+                yield from walk(child)
+
+        for root in self.domains.values():
+            yield from walk(root)
+
+    def dump(self) -> str:
+        """The reference's /rlconfig format, one line per rule."""
+        lines = []
+        for rule in self.rules():
+            lines.append(
+                f"{rule.stats_key}: unit={rule.unit.name} "
+                f"requests_per_unit={rule.requests_per_unit}, "
+                f"shadow_mode: {str(rule.shadow_mode).lower()}, "
+                f"quota_mode: {str(rule.quota_mode).lower()}"
+            )
+        return "\n".join(lines) + ("\n" if lines else "")
+
+
+EMPTY_CONFIG = RateLimitConfig(domains={})
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigFile:
+    """Raw config text and the name it is reported under (path relative to the config dir)."""
+
+    name: str
+    text: str
+
+
+def wildcard_pattern(pattern: str) -> re.Pattern[str]:
+    """``*`` matches any run of characters (including none); everything else is literal."""
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")), re.DOTALL)
+
+
+def load_config(files: Sequence[ConfigFile], *, merge_domains: bool = False) -> RateLimitConfig:
+    """Validate and build the whole configuration; the first error rejects the load."""
+    domains: dict[str, Node] = {}
+    for config_file in files:
+        for document in _documents(config_file):
+            _Loader(config_file.name, document, domains, merge_domains).load()
+    return RateLimitConfig(domains=domains)
+
+
+def _documents(config_file: ConfigFile) -> list[yaml.Node | None]:
+    try:
+        documents: list[yaml.Node | None] = list(
+            yaml.compose_all(config_file.text, Loader=yaml.SafeLoader)
+        )
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"{config_file.name}: error loading config file: {_one_line(str(exc))}"
+        ) from None
+    present = [d for d in documents if not _is_null(d)]
+    # An empty file is one empty document (and so fails "cannot have empty domain"), as in Go.
+    return present or [None]
+
+
+def _is_null(node: yaml.Node | None) -> bool:
+    return node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _where(node: yaml.Node | None, path: str) -> str:
+    if node is None:
+        return f" ({path})" if path else ""
+    line = node.start_mark.line + 1
+    return f" (line {line}, {path})" if path else f" (line {line})"
+
+
+def _go_format(node: yaml.Node) -> str:
+    """Render a YAML node roughly as Go's %v renders the decoded value."""
+    if isinstance(node, yaml.ScalarNode):
+        return str(node.value)
+    if isinstance(node, yaml.SequenceNode):
+        return "[" + " ".join(_go_format(item) for item in node.value) + "]"
+    pairs = " ".join(f"{_go_format(k)}:{_go_format(v)}" for k, v in node.value)
+    return f"map[{pairs}]"
+
+
+class _Loader:
+    """Validates and loads one YAML document (one domain) into ``domains``."""
+
+    def __init__(
+        self, name: str, document: yaml.Node | None, domains: dict[str, Node], merge: bool
+    ) -> None:
+        self.name = name
+        self.document = document
+        self.domains = domains
+        self.merge = merge
+
+    def error(self, message: str, node: yaml.Node | None = None, path: str = "") -> ConfigError:
+        return ConfigError(f"{self.name}: {message}{_where(node, path)}")
+
+    # -- step 2: key check over the whole tree --------------------------------------------------
+
+    def check_keys(self, node: yaml.MappingNode, path: str) -> None:
+        for key_node, value_node in node.value:
+            if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag == _STR):
+                raise self.error(
+                    f"config error, key is not of type string: {_go_format(key_node)}",
+                    key_node,
+                    path,
+                )
+            key = key_node.value
+            if key not in VALID_KEYS:
+                raise self.error(f"config error, unknown key '{key}'", key_node, path)
+            child_path = f"{path}.{key}" if path else key
+            if key == "metadata":
+                continue  # free-form; returned as-is in dynamic metadata
+            if isinstance(value_node, yaml.SequenceNode):
+                for index, element in enumerate(value_node.value):
+                    if not isinstance(element, yaml.MappingNode):
+                        raise self.error(
+                            "config error, yaml file contains list of type other than map: "
+                            f"{_go_format(element)}",
+                            element,
+                            f"{child_path}[{index}]",
+                        )
+                    self.check_keys(element, f"{child_path}[{index}]")
+            elif isinstance(value_node, yaml.MappingNode):
+                self.check_keys(value_node, child_path)
+            elif value_node.tag not in _LEAF_TAGS:
+                raise self.error("error checking config", value_node, child_path)
+
+    # -- step 3: types ---------------------------------------------------------------------------
+
+    def type_error(self, node: yaml.Node, path: str, expected: str) -> ConfigError:
+        kind = node.tag.rsplit(":", 1)[-1] if isinstance(node, yaml.ScalarNode) else (
+            "seq" if isinstance(node, yaml.SequenceNode) else "map"
+        )
+        shown = f" `{node.value}`" if isinstance(node, yaml.ScalarNode) else ""
+        line = node.start_mark.line + 1
+        return ConfigError(
+            f"{self.name}: error loading config file: line {line}: cannot unmarshal "
+            f"!!{kind}{shown} into {expected} ({path})"
+        )
+
+    def text(self, node: yaml.Node | None, path: str) -> str:
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+            return ""
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.type_error(node, path, "string")
+        return str(node.value)
+
+    def boolean(self, node: yaml.Node | None, path: str) -> bool:
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+            return False
+        if not (isinstance(node, yaml.ScalarNode) and node.tag == _BOOL):
+            raise self.type_error(node, path, "bool")
+        return bool(yaml.SafeLoader("").construct_yaml_bool(node))
+
+    def uint32(self, node: yaml.Node | None, path: str) -> int:
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+            return 0
+        if isinstance(node, yaml.ScalarNode) and node.tag == _INT:
+            number = int(yaml.SafeLoader("").construct_yaml_int(node))
+            if 0 <= number <= _UINT32_MAX:
+                return number
+        raise self.type_error(node, path, "uint32")
+
+    def mapping(self, node: yaml.Node | None, path: str) -> dict[str, yaml.Node]:
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            raise self.type_error(node, path, "map")
+        return {k.value: v for k, v in node.value}
+
+    def sequence(self, node: yaml.Node | None, path: str) -> list[yaml.Node]:
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+            return []
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.type_error(node, path, "list")
+        return list(node.value)
+
+    def free_form(self, node: yaml.Node | None, path: str) -> dict[str, Any] | None:
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+            return None
+        if not isinstance(node, yaml.MappingNode):
+            raise self.type_error(node, path, "map")
+        try:
+            value = yaml.SafeLoader("").construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            raise self.error(
+                f"error loading config file: {_one_line(str(exc))}", node, path
+            ) from None
+        return {str(k): v for k, v in value.items()}
+
+    # -- steps 4-6 -------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        document = self.document
+        if document is not None and not isinstance(document, yaml.MappingNode):
+            raise self.type_error(document, "document root", "map")
+        if document is not None:
+            self.check_keys(document, "")
+        fields = self.mapping(document, "")
+        domain = self.text(fields.get("domain"), "domain")
+        descriptors = self.sequence(fields.get("descriptors"), "descriptors")
+        # Type-check the whole document before semantic checks, as the reference decodes it first.
+        parsed = [self.parse_descriptor(d, f"descriptors[{i}]") for i, d in enumerate(descriptors)]
+        if not domain:
+            raise self.error("config file cannot have empty domain", document)
+        root = self.domains.get(domain)
+        if root is not None and not self.merge:
+            raise self.error(
+                f"duplicate domain '{domain}' in config file", fields.get("domain"), "domain"
+            )
+        if root is None:
+            root = Node(key="", value="", composite="")
+            self.domains[domain] = root
+        self.add_descriptors(root, domain + ".", parsed)
+
+    def parse_descriptor(self, node: yaml.Node, path: str) -> _Parsed:
+        fields = self.mapping(node, path)
+        rate_limit = None
+        if "rate_limit" in fields and not _is_null(fields["rate_limit"]):
+            rl = self.mapping(fields["rate_limit"], f"{path}.rate_limit")
+            rl_path = f"{path}.rate_limit"
+            replaces = []
+            for i, item in enumerate(self.sequence(rl.get("replaces"), f"{rl_path}.replaces")):
+                entry = self.mapping(item, f"{rl_path}.replaces[{i}]")
+                replaces.append(self.text(entry.get("name"), f"{rl_path}.replaces[{i}].name"))
+            rate_limit = _ParsedLimit(
+                node=fields["rate_limit"],
+                unit=self.text(rl.get("unit"), f"{rl_path}.unit"),
+                requests_per_unit=self.uint32(
+                    rl.get("requests_per_unit"), f"{rl_path}.requests_per_unit"
+                ),
+                unlimited=self.boolean(rl.get("unlimited"), f"{rl_path}.unlimited"),
+                name=self.text(rl.get("name"), f"{rl_path}.name"),
+                replaces=replaces,
+            )
+        children = [
+            self.parse_descriptor(child, f"{path}.descriptors[{i}]")
+            for i, child in enumerate(self.sequence(fields.get("descriptors"), path))
+        ]
+        return _Parsed(
+            node=node,
+            path=path,
+            key=self.text(fields.get("key"), f"{path}.key"),
+            value=self.text(fields.get("value"), f"{path}.value"),
+            rate_limit=rate_limit,
+            shadow_mode=self.boolean(fields.get("shadow_mode"), f"{path}.shadow_mode"),
+            quota_mode=self.boolean(fields.get("quota_mode"), f"{path}.quota_mode"),
+            detailed_metric=self.boolean(fields.get("detailed_metric"), f"{path}.detailed_metric"),
+            value_to_metric=self.boolean(fields.get("value_to_metric"), f"{path}.value_to_metric"),
+            share_threshold=self.boolean(fields.get("share_threshold"), f"{path}.share_threshold"),
+            metadata=self.free_form(fields.get("metadata"), f"{path}.metadata"),
+            children=children,
+        )
+
+    def add_descriptors(self, parent: Node, parent_key: str, descriptors: list[_Parsed]) -> None:
+        for d in descriptors:
+            if not d.key:
+                raise self.error("descriptor has empty key", d.node, d.path)
+            composite = f"{d.key}_{d.value}" if d.value else d.key
+            stats_key = parent_key + composite
+            if composite in parent.children:
+                raise self.error(
+                    f"duplicate descriptor composite key '{stats_key}'", d.node, d.path
+                )
+            rule = self.build_rule(d, stats_key)
+            if d.share_threshold and "*" not in d.value:
+                raise self.error(
+                    "share_threshold can only be used with wildcard values (containing '*'), "
+                    f"but found key '{composite}'",
+                    d.node,
+                    d.path,
+                )
+            node = Node(
+                key=d.key,
+                value=d.value,
+                composite=composite,
+                rule=rule,
+                value_to_metric=d.value_to_metric,
+                share_threshold=d.share_threshold,
+            )
+            self.add_descriptors(node, stats_key + ".", d.children)
+            parent.children[composite] = node
+            if "*" in d.value:
+                parent.wildcards.append((wildcard_pattern(composite), node))
+
+    def build_rule(self, d: _Parsed, stats_key: str) -> Rule | None:
+        limit = d.rate_limit
+        if limit is None:
+            return None
+        path = f"{d.path}.rate_limit"
+        unit = Unit.__members__.get(limit.unit.upper(), Unit.UNKNOWN)
+        valid_unit = unit is not Unit.UNKNOWN
+        if limit.unlimited:
+            if valid_unit:
+                raise self.error(
+                    "should not specify rate limit unit when unlimited", limit.node, path
+                )
+        elif not valid_unit:
+            raise self.error(f"invalid rate limit unit '{limit.unit}'", limit.node, path)
+        for name in limit.replaces:
+            if not name:
+                raise self.error("should not have an empty replaces entry", limit.node, path)
+            if name == limit.name:
+                raise self.error(
+                    "replaces should not contain name of same descriptor", limit.node, path
+                )
+        return Rule(
+            requests_per_unit=limit.requests_per_unit,
+            unit=unit,
+            stats_key=stats_key,
+            name=limit.name,
+            replaces=frozenset(limit.replaces),
+            unlimited=limit.unlimited,
+            shadow_mode=d.shadow_mode,
+            quota_mode=d.quota_mode,
+            detailed_metric=d.detailed_metric,
+            metadata=d.metadata,
+        )
+
+
+@dataclass(slots=True)
+class _ParsedLimit:
+    node: yaml.Node
+    unit: str
+    requests_per_unit: int
+    unlimited: bool
+    name: str
+    replaces: list[str]
+
+
+@dataclass(slots=True)
+class _Parsed:
+    node: yaml.Node
+    path: str
+    key: str
+    value: str
+    rate_limit: _ParsedLimit | None
+    shadow_mode: bool
+    quota_mode: bool
+    detailed_metric: bool
+    value_to_metric: bool
+    share_threshold: bool
+    metadata: dict[str, Any] | None
+    children: list[_Parsed]

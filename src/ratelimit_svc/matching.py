@@ -1,0 +1,110 @@
+"""Matching one request descriptor against a domain's rule tree (SPEC 4).
+
+The walk is greedy and never backtracks: at each level an exact ``k_v`` child wins, then the first
+wildcard child in config order, then the plain ``k`` child. Besides the rule, a match carries what
+the limiter needs to count it: the counter key's body (share_threshold levels contribute their
+pattern instead of the request's value) and the stats key (config path, or the detailed /
+value_to_metric forms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .config import Node, RateLimitConfig, Rule, Unit
+
+Entry = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """A limit sent by Envoy with the descriptor; it replaces the tree's rule."""
+
+    requests_per_unit: int
+    unit: Unit
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """The rule a descriptor matched, its counter key body and its stats key."""
+
+    rule: Rule
+    key_body: str  # "<domain>_<k>_<v>_..._" ; the window start is appended by the limiter
+    stats_key: str
+
+
+def descriptor_key(domain: str, entries: Sequence[Entry]) -> str:
+    """``<domain>.<k_v>.<k_v>`` (``k`` alone for an empty value): stats key of overrides and of
+    detailed_metric rules."""
+    return domain + "." + ".".join(f"{k}_{v}" if v else k for k, v in entries)
+
+
+def _key_body(domain: str, entries: Sequence[Entry]) -> str:
+    return domain + "_" + "".join(f"{k}_{v}_" for k, v in entries)
+
+
+def match(
+    config: RateLimitConfig,
+    domain: str,
+    entries: Sequence[Entry],
+    override: Override | None = None,
+) -> Match | None:
+    """The rule for one descriptor, or None (no limit applies). The caller checks the domain."""
+    root = config.domains[domain]
+    if override is not None:
+        key = descriptor_key(domain, entries)
+        rule = Rule(override.requests_per_unit, override.unit, stats_key=key)
+        return Match(rule, _key_body(domain, entries), key)
+
+    node = root
+    counter_entries: list[Entry] = []
+    metric_parts: list[str] = []
+    value_to_metric_used = False
+    found: Node | None = None
+    last = len(entries) - 1
+    for index, (key, value) in enumerate(entries):
+        child = node.children.get(f"{key}_{value}")
+        via = "exact"
+        if child is None:
+            composite = f"{key}_{value}"
+            for pattern, candidate in node.wildcards:
+                if pattern.fullmatch(composite):
+                    child, via = candidate, "wildcard"
+                    break
+        if child is None:
+            child, via = node.children.get(key), "plain"
+        if child is None:
+            return None
+
+        runtime_part = f"{key}_{value}" if value else key
+        if child.share_threshold:
+            counter_entries.append((key, child.value))
+            metric_parts.append(child.composite)
+        else:
+            counter_entries.append((key, value))
+            if via == "exact":
+                metric_parts.append(runtime_part)
+            elif child.value_to_metric:
+                metric_parts.append(runtime_part)
+                value_to_metric_used = True
+            else:
+                metric_parts.append(child.composite)
+
+        if index == last:
+            found = child
+        elif child.has_children:
+            node = child
+            continue
+        break
+
+    if found is None or found.rule is None:
+        return None
+    rule = found.rule
+    if rule.detailed_metric:
+        stats_key = descriptor_key(domain, entries)
+    elif value_to_metric_used:
+        stats_key = domain + "." + ".".join(metric_parts)
+    else:
+        stats_key = rule.stats_key
+    return Match(rule, _key_body(domain, counter_entries), stats_key)

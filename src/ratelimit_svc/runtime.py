@@ -1,0 +1,73 @@
+"""Where config files come from (CONFIG_TYPE=FILE, SPEC 3.3): RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/
+RUNTIME_APPDIRECTORY, read recursively in lexical order, every regular file whatever its extension.
+
+Files are named by their path relative to that directory (``basic.yaml``, ``team/a.yaml``), which is
+the config name that prefixes every validation error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigFile, RateLimitConfig, load_config
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeLocation:
+    root: str
+    subdirectory: str
+    appdirectory: str
+    ignore_dotfiles: bool = False
+
+    @property
+    def config_dir(self) -> Path | None:
+        """None when RUNTIME_SUBDIRECTORY is empty: no file config at all (SPEC 3.3)."""
+        if not self.subdirectory:
+            return None
+        return Path(self.root) / self.subdirectory / self.appdirectory
+
+
+def read_config_files(directory: Path, *, ignore_dotfiles: bool = False) -> list[ConfigFile]:
+    """Every regular file below ``directory`` (following symlinks, each real directory once)."""
+    files: list[ConfigFile] = []
+    if not directory.is_dir():
+        log.warning("config directory %s does not exist: no rate limit rules", directory)
+        return files
+    seen_dirs: set[str] = set()
+    for current, dirnames, filenames in os.walk(directory, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not (ignore_dotfiles and d.startswith(".")))
+        for filename in sorted(filenames):
+            if ignore_dotfiles and filename.startswith("."):
+                continue
+            path = Path(current) / filename
+            if not path.is_file():
+                continue
+            name = path.relative_to(directory).as_posix()
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{name}: error loading config file: {exc}") from None
+            files.append(ConfigFile(name, text))
+    return files
+
+
+def load_from_files(
+    location: RuntimeLocation, *, merge_domains: bool = False
+) -> RateLimitConfig | None:
+    """Load the whole file config; None when there is no config directory configured."""
+    directory = location.config_dir
+    if directory is None:
+        return None
+    files = read_config_files(directory, ignore_dotfiles=location.ignore_dotfiles)
+    return load_config(files, merge_domains=merge_domains)
