@@ -1,0 +1,122 @@
+"""The command-line tools of SPEC 10: ``ratelimit-config-check`` and ``ratelimit-client``.
+
+Both accept the reference's flag names in single- and double-dash form (``-config_dir`` and
+``--config_dir``), print the reference's lines, and exit 1 on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import ConfigFile, load_config
+from .errors import ConfigError
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
+    parser.add_argument(f"--{name}", f"-{name}", dest=name, **kwargs)  # type: ignore[arg-type]
+
+
+def config_check_main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="ratelimit-config-check", description="Validate rate-limit config files."
+    )
+    _flag(parser, "config_dir", required=True, help="directory holding the YAML files")
+    _flag(
+        parser,
+        "merge_domain_configs",
+        action="store_true",
+        help="merge files that declare the same domain (MERGE_DOMAIN_CONFIG)",
+    )
+    args = parser.parse_args(argv)
+    print("checking rate limit configs...")
+    directory = Path(args.config_dir)
+    print(f"loading config directory: {args.config_dir}")
+    files = []
+    try:
+        paths = sorted(p for p in directory.iterdir() if p.is_file())
+    except OSError as exc:
+        print(f"error loading rate limit configs: {args.config_dir}: {exc.strerror}")
+        sys.exit(1)
+    for path in paths:
+        print(f"opening config file: {path}")
+        try:
+            files.append(ConfigFile(str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"error loading rate limit configs: {path}: error loading config file: {exc}")
+            sys.exit(1)
+    try:
+        load_config(files, merge_domains=args.merge_domain_configs)
+    except ConfigError as exc:
+        print(f"error loading rate limit configs: {exc}")
+        sys.exit(1)
+    print("all rate limit configs ok")
+
+
+def client_main(argv: Sequence[str] | None = None) -> None:
+    # Imported here so that config-check does not pay for gRPC.
+    import grpc
+    from google.protobuf import text_format
+
+    from .pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+    from .pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+
+    parser = argparse.ArgumentParser(
+        prog="ratelimit-client", description="Send one ShouldRateLimit request and print the answer."
+    )
+    _flag(parser, "dial_string", default="localhost:8081", help="host:port of the service")
+    _flag(parser, "domain", default="", help="rate limit domain")
+    _flag(
+        parser,
+        "descriptors",
+        action="append",
+        default=[],
+        help="one descriptor as k=v,k2=v2 (repeat the flag for several)",
+    )
+    _flag(parser, "hits_addend", type=int, default=0, help="hits to add (0 = 1)")
+    _flag(parser, "timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    _flag(parser, "grpc_use_tls", action="store_true", help="connect with TLS")
+    _flag(parser, "grpc_server_ca_file", default="", help="CA that signed the server certificate")
+    _flag(parser, "grpc_cert_file", default="", help="client certificate (mTLS)")
+    _flag(parser, "grpc_key_file", default="", help="client key (mTLS)")
+    _flag(parser, "grpc_tls_server_name", default="", help="override the TLS server name")
+    args = parser.parse_args(argv)
+
+    request = rls_pb2.RateLimitRequest(domain=args.domain, hits_addend=args.hits_addend)
+    for spec in args.descriptors:
+        descriptor = ratelimit_pb2.RateLimitDescriptor()
+        for pair in spec.split(","):
+            key, sep, value = pair.partition("=")
+            if not sep:
+                print(f"invalid descriptor entry {pair!r}: expected key=value", file=sys.stderr)
+                sys.exit(1)
+            descriptor.entries.add(key=key, value=value)
+        request.descriptors.append(descriptor)
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    if args.grpc_use_tls:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read(args.grpc_server_ca_file),
+            private_key=read(args.grpc_key_file),
+            certificate_chain=read(args.grpc_cert_file),
+        )
+        options = []
+        if args.grpc_tls_server_name:
+            options.append(("grpc.ssl_target_name_override", args.grpc_tls_server_name))
+        channel = grpc.secure_channel(args.dial_string, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(args.dial_string)
+    print(f"domain: {args.domain}")
+    print(f"descriptors: {args.descriptors}")
+    with channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        try:
+            response = stub.ShouldRateLimit(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"request error: {exc.code().name}: {exc.details()}")
+            sys.exit(1)
+    print("response: " + text_format.MessageToString(response, as_one_line=False))
