@@ -64,7 +64,7 @@ def client_main(argv: Sequence[str] | None = None) -> None:
     from .pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
     parser = argparse.ArgumentParser(
-        prog="ratelimit-client", description="Send one ShouldRateLimit request and print the answer."
+        prog="ratelimit-client", description="Send one ShouldRateLimit request, print the answer."
     )
     _flag(parser, "dial_string", default="localhost:8081", help="host:port of the service")
     _flag(parser, "domain", default="", help="rate limit domain")
