@@ -175,8 +175,8 @@ def _one_line(text: str) -> str:
 
 
 def _where(node: yaml.Node | None, path: str) -> str:
-    if node is None:
-        return f" ({path})" if path else ""
+    if node is None:  # an empty file: nothing to point at but its first line
+        return f" (line 1, {path})" if path else " (line 1)"
     line = node.start_mark.line + 1
     return f" (line {line}, {path})" if path else f" (line {line})"
 
@@ -346,7 +346,9 @@ class _Loader:
             )
         children = [
             self.parse_descriptor(child, f"{path}.descriptors[{i}]")
-            for i, child in enumerate(self.sequence(fields.get("descriptors"), path))
+            for i, child in enumerate(
+                self.sequence(fields.get("descriptors"), f"{path}.descriptors")
+            )
         ]
         return _Parsed(
             node=node,

@@ -59,6 +59,9 @@ def read_config_files(directory: Path, *, ignore_dotfiles: bool = False) -> list
             except (OSError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{name}: error loading config file: {exc}") from None
             files.append(ConfigFile(name, text))
+    # os.walk yields a directory's files before its subdirectories; order by path components
+    # instead (``a/x.yaml`` before ``b.yaml``), as Go's filepath.Walk does.
+    files.sort(key=lambda f: f.name.split("/"))
     return files
 
 

@@ -12,14 +12,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import grpc
 from google.protobuf import struct_pb2
 
 from .config import RateLimitConfig, Unit
 from .errors import BackendError, NoConfigError, RequestError
-from .limiter import Decision, Limiter, Request, RequestDescriptor
+from .limiter import Code, Decision, Limiter, Request, RequestDescriptor
 from .matching import Override
 from .pb.envoy.config.core.v3 import base_pb2
 from .pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
@@ -27,6 +27,10 @@ from .pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 log = logging.getLogger(__name__)
 
 _UNITS = {int(u): u for u in Unit}
+_Response = rls_pb2.RateLimitResponse
+# Our enums carry the protocol's numbers; these tables give them the generated stubs' types.
+_PB_CODE = {c: cast(_Response.Code, int(c)) for c in Code}
+_PB_UNIT = {u: cast(_Response.RateLimit.Unit, int(u)) for u in Unit}
 
 STAT_SERVICE_ERROR = "ratelimit.service.call.should_rate_limit.service_error"
 STAT_BACKEND_ERROR = "ratelimit.service.call.should_rate_limit.redis_error"
@@ -54,13 +58,13 @@ def request_from_proto(message: rls_pb2.RateLimitRequest) -> Request:
 
 
 def response_to_proto(decision: Decision) -> rls_pb2.RateLimitResponse:
-    response = rls_pb2.RateLimitResponse(overall_code=int(decision.overall))
+    response = _Response(overall_code=_PB_CODE[decision.overall])
     for status in decision.statuses:
-        out = response.statuses.add(code=int(status.code), limit_remaining=status.remaining)
+        out = response.statuses.add(code=_PB_CODE[status.code], limit_remaining=status.remaining)
         rule = status.rule
         if rule is not None:
             out.current_limit.requests_per_unit = rule.requests_per_unit
-            out.current_limit.unit = int(rule.unit)
+            out.current_limit.unit = _PB_UNIT[rule.unit]
             if rule.name:
                 out.current_limit.name = rule.name
             out.duration_until_reset.seconds = status.reset_seconds
