@@ -232,7 +232,7 @@ async def test_example_e_request_errors(config, store, stats, clock, request_, m
 
 async def test_no_config_loaded(store, stats, clock) -> None:  # type: ignore[no-untyped-def]
     limiter = make_limiter(store, stats, clock)
-    with pytest.raises(NoConfigError, match="^no rate limit configuration loaded$"):
+    with pytest.raises(NoConfigError, match=r"^no rate limit configuration loaded$"):
         await limiter.should_rate_limit(None, req("basic", d(("key1", "x"))))
 
 

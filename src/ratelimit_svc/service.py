@@ -108,7 +108,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             self.stats.add(STAT_BACKEND_ERROR)
             raise BackendError("deadline exceeded while waiting for the backend") from None
 
-    async def ShouldRateLimit(  # noqa: N802 (the protocol's method name)
+    async def ShouldRateLimit(  # the protocol names the method
         self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
     ) -> rls_pb2.RateLimitResponse:
         started = time.perf_counter()
