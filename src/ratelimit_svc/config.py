@@ -159,7 +159,7 @@ def _documents(config_file: ConfigFile) -> list[yaml.Node | None]:
         )
     except yaml.YAMLError as exc:
         raise ConfigError(
-            f"{config_file.name}: error loading config file: {_one_line(str(exc))}"
+            f"{config_file.name}: error loading config file: {_parser_message(exc)}"
         ) from None
     present = [d for d in documents if not _is_null(d)]
     # An empty file is one empty document (and so fails "cannot have empty domain"), as in Go.
@@ -168,6 +168,15 @@ def _documents(config_file: ConfigFile) -> list[yaml.Node | None]:
 
 def _is_null(node: yaml.Node | None) -> bool:
     return node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL)
+
+
+def _parser_message(exc: yaml.YAMLError) -> str:
+    """The parser's complaint and where, without PyYAML's source excerpt."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        what = " ".join(part for part in (exc.context, exc.problem) if part)
+        return f"{what} (line {mark.line + 1}, column {mark.column + 1})"
+    return _one_line(str(exc))
 
 
 def _one_line(text: str) -> str:
