@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from redis_fixtures import redis_db, redis_server, redis_server_factory, redis_url  # noqa: F401
 
 
 class FakeClock:
