@@ -1,4 +1,4 @@
-"""Rate-limit configuration: the YAML schema, its validation, and the immutable rule tree.
+"""Rate-limit configuration: the YAML schema and its validation, producing the rule tree.
 
 A load takes every config document at once and either returns a complete ``RateLimitConfig`` or
 raises ``ConfigError`` with the reference's message text, prefixed by the config name and followed
@@ -9,15 +9,26 @@ name its line. The result is frozen: a reload builds a new one and swaps a singl
 
 from __future__ import annotations
 
-import enum
-import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .rules import EMPTY_CONFIG, Node, RateLimitConfig, Rule, Unit, wildcard_pattern
+
+__all__ = [
+    "EMPTY_CONFIG",
+    "VALID_KEYS",
+    "ConfigFile",
+    "Node",
+    "RateLimitConfig",
+    "Rule",
+    "Unit",
+    "load_config",
+    "wildcard_pattern",
+]
 
 VALID_KEYS = frozenset(
     "domain key value descriptors rate_limit unit requests_per_unit unlimited shadow_mode "
@@ -32,115 +43,12 @@ _LEAF_TAGS = frozenset({_STR, _INT, _BOOL, _NULL})
 _UINT32_MAX = 2**32 - 1
 
 
-class Unit(enum.IntEnum):
-    """Window units; values are the protobuf enum numbers (RateLimitResponse.RateLimit.Unit)."""
-
-    UNKNOWN = 0
-    SECOND = 1
-    MINUTE = 2
-    HOUR = 3
-    DAY = 4
-    MONTH = 5
-    YEAR = 6
-    WEEK = 7
-
-    @property
-    def seconds(self) -> int:
-        return _UNIT_SECONDS[self]
-
-
-_UNIT_SECONDS = {
-    Unit.UNKNOWN: 0,
-    Unit.SECOND: 1,
-    Unit.MINUTE: 60,
-    Unit.HOUR: 3600,
-    Unit.DAY: 86400,
-    Unit.WEEK: 604800,
-    Unit.MONTH: 2592000,
-    Unit.YEAR: 31536000,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """A limit attached to a descriptor node (or built from a request's limit override)."""
-
-    requests_per_unit: int
-    unit: Unit
-    stats_key: str
-    name: str = ""
-    replaces: frozenset[str] = frozenset()
-    unlimited: bool = False
-    shadow_mode: bool = False
-    quota_mode: bool = False
-    detailed_metric: bool = False
-    metadata: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Node:
-    """One descriptor of the tree. ``children`` holds exact children by composite key (``k`` or
-    ``k_v``); ``wildcards`` holds, in config order, the children whose value contains ``*``."""
-
-    key: str
-    value: str
-    composite: str
-    rule: Rule | None = None
-    children: dict[str, Node] = field(default_factory=dict)
-    wildcards: list[tuple[re.Pattern[str], Node]] = field(default_factory=list)
-    value_to_metric: bool = False
-    share_threshold: bool = False
-
-    @property
-    def has_children(self) -> bool:
-        return bool(self.children)
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimitConfig:
-    """One complete, validated configuration: domain name → root node (children only)."""
-
-    domains: Mapping[str, Node]
-
-    def rules(self) -> Iterable[Rule]:
-        """Every rule, depth-first in config order (used by /rlconfig and tests)."""
-
-        def walk(node: Node) -> Iterable[Rule]:
-            for child in node.children.values():
-                if child.rule is not None:
-                    yield child.rule
-                yield from walk(child)
-
-        for root in self.domains.values():
-            yield from walk(root)
-
-    def dump(self) -> str:
-        """The reference's /rlconfig format, one line per rule."""
-        lines = []
-        for rule in self.rules():
-            lines.append(
-                f"{rule.stats_key}: unit={rule.unit.name} "
-                f"requests_per_unit={rule.requests_per_unit}, "
-                f"shadow_mode: {str(rule.shadow_mode).lower()}, "
-                f"quota_mode: {str(rule.quota_mode).lower()}"
-            )
-        return "\n".join(lines) + ("\n" if lines else "")
-
-
-EMPTY_CONFIG = RateLimitConfig(domains={})
-
-
 @dataclass(frozen=True, slots=True)
 class ConfigFile:
     """Raw config text and the name it is reported under (path relative to the config dir)."""
 
     name: str
     text: str
-
-
-def wildcard_pattern(pattern: str) -> re.Pattern[str]:
-    """``*`` matches any run of characters (including none); everything else is literal."""
-    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")), re.DOTALL)
 
 
 def load_config(files: Sequence[ConfigFile], *, merge_domains: bool = False) -> RateLimitConfig:

@@ -8,19 +8,34 @@ only add numbers to keys. Nothing here touches protobuf; ``service`` translates.
 
 from __future__ import annotations
 
-import enum
-import math
 import random
-import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from .config import RateLimitConfig, Rule, Unit
 from .errors import NoConfigError, RequestError
+from .fixed_window import Code, RuleCounts, decide, near_threshold
 from .localcache import LocalCache
 from .matching import Entry, Match, Override, match
+from .rules import RateLimitConfig, Rule, Unit
+
+__all__ = [
+    "MAX_UINT32",
+    "Code",
+    "CounterStore",
+    "Decision",
+    "Increment",
+    "Limiter",
+    "LimiterOptions",
+    "Request",
+    "RequestDescriptor",
+    "RuleCounts",
+    "StatsRecorder",
+    "Status",
+    "decide",
+    "near_threshold",
+]
 
 MAX_UINT32 = 2**32 - 1
 
@@ -55,14 +70,6 @@ class CounterStore(Protocol):
         ...
 
 
-class Code(enum.IntEnum):
-    """Values are RateLimitResponse.Code's numbers."""
-
-    UNKNOWN = 0
-    OK = 1
-    OVER_LIMIT = 2
-
-
 @dataclass(frozen=True, slots=True)
 class RequestDescriptor:
     entries: tuple[Entry, ...]
@@ -95,18 +102,6 @@ class Decision:
     dynamic_metadata: dict[str, Any] | None = None
 
 
-@dataclass(slots=True)
-class RuleCounts:
-    """Per-rule stat deltas of one decision (names as the reference's stats)."""
-
-    total_hits: int = 0
-    over_limit: int = 0
-    near_limit: int = 0
-    within_limit: int = 0
-    shadow_mode: int = 0
-    over_limit_with_local_cache: int = 0
-
-
 class StatsRecorder(Protocol):
     """Where the limiter reports what it counted (``stats`` implements it)."""
 
@@ -126,46 +121,6 @@ class LimiterOptions:
     quota_mode: bool = False
     response_headers: tuple[str, str, str] | None = None  # (limit, remaining, reset) names
     dynamic_metadata: bool = False
-
-
-def near_threshold(limit: int, ratio: float) -> int:
-    """floor(float32(limit) * float32(ratio)), as the reference computes it."""
-    f32 = _float32(_float32(float(limit)) * _float32(ratio))
-    return math.floor(f32)
-
-
-def _float32(value: float) -> float:
-    return float(struct.unpack("f", struct.pack("f", value))[0])
-
-
-def decide(
-    limit: int, hits: int, after: int, near: int, *, shadow: bool, cached: bool = False
-) -> tuple[Code, int, RuleCounts]:
-    """The pure fixed-window decision for one counted rule: (code, remaining, stat deltas).
-
-    ``after`` is the counter after adding ``hits`` (ignored when ``cached``: the local cache
-    already knows the key is over its limit).
-    """
-    counts = RuleCounts(total_hits=hits)
-    before = after - hits
-    if cached:
-        code, remaining = Code.OVER_LIMIT, 0
-        counts.over_limit = hits
-        counts.over_limit_with_local_cache = hits
-    elif after > limit:
-        code, remaining = Code.OVER_LIMIT, 0
-        counts.over_limit = hits if before >= limit else after - limit
-        if before < limit:
-            counts.near_limit = limit - max(near, before)
-    else:
-        code, remaining = Code.OK, limit - after
-        counts.within_limit = hits
-        if after > near:
-            counts.near_limit = hits if before >= near else after - near
-    if shadow and code is Code.OVER_LIMIT:
-        code = Code.OK
-        counts.shadow_mode = hits if cached or before >= limit else after - limit
-    return code, remaining, counts
 
 
 @dataclass(slots=True)

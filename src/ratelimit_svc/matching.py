@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .config import Node, RateLimitConfig, Rule, Unit
+from .rules import Node, RateLimitConfig, Rule, Unit
 
 Entry = tuple[str, str]
 

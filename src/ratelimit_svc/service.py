@@ -12,12 +12,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
-from .config import RateLimitConfig, Unit
+from .rules import RateLimitConfig, Unit
 from .errors import BackendError, NoConfigError, RequestError
 from .limiter import Code, Decision, Limiter, Request, RequestDescriptor
 from .matching import Override
@@ -57,6 +59,86 @@ def request_from_proto(message: rls_pb2.RateLimitRequest) -> Request:
     return Request(message.domain, tuple(descriptors), message.hits_addend)
 
 
+MAX_HITS_ADDEND = 2**32 - 1  # as the request-level field (uint32); Redis fails beyond int64
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What one request may carry (MAX_* settings, docs/reliability.md; 0 = no limit)."""
+
+    max_descriptors: int = 256
+    max_entries: int = 64
+    max_value_bytes: int = 65536
+
+
+def check_request_limits(request: Request, limits: RequestLimits) -> None:
+    """Raise RequestError if ``request`` exceeds ``limits`` or carries text that is not UTF-8
+    (possible from JSON: a lone surrogate escape), naming the descriptor and entry at fault."""
+    count = len(request.descriptors)
+    if limits.max_descriptors and count > limits.max_descriptors:
+        raise RequestError(
+            f"too many descriptors: {count} (MAX_DESCRIPTORS_PER_REQUEST={limits.max_descriptors})"
+        )
+    _check_text("domain", request.domain, limits.max_value_bytes)
+    for index, descriptor in enumerate(request.descriptors):
+        entries = len(descriptor.entries)
+        if limits.max_entries and entries > limits.max_entries:
+            raise RequestError(
+                f"descriptor {index} has too many entries: {entries} "
+                f"(MAX_ENTRIES_PER_DESCRIPTOR={limits.max_entries})"
+            )
+        for position, (key, value) in enumerate(descriptor.entries):
+            where = f"descriptor {index} entry {position}"
+            _check_text(f"{where} key", key, limits.max_value_bytes)
+            _check_text(f"{where} value", value, limits.max_value_bytes)
+        if descriptor.hits_addend is not None and descriptor.hits_addend > MAX_HITS_ADDEND:
+            raise RequestError(
+                f"descriptor {index} hits_addend {descriptor.hits_addend} is above "
+                f"{MAX_HITS_ADDEND}"
+            )
+
+
+def _check_text(what: str, text: str, max_bytes: int) -> None:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise RequestError(f"{what} is not valid UTF-8") from None
+    if max_bytes and size > max_bytes:
+        raise RequestError(f"{what} is {size} bytes long (MAX_VALUE_BYTES={max_bytes})")
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedRequest:
+    """What ``parse_request`` hands the servicer for bytes that are not a RateLimitRequest."""
+
+    error: str
+
+
+def parse_request(data: bytes) -> rls_pb2.RateLimitRequest | MalformedRequest:
+    """The request deserializer. grpc answers UNKNOWN when a deserializer raises; returning the
+    error instead lets ShouldRateLimit answer INVALID_ARGUMENT with protobuf's reason (corrupt
+    wire format, a string field that is not UTF-8)."""
+    try:
+        return rls_pb2.RateLimitRequest.FromString(data)
+    except DecodeError as exc:
+        return MalformedRequest(str(exc) or "cannot parse the request")
+
+
+def add_to_server(service: RateLimitService, server: grpc.aio.Server) -> None:
+    """Register ``service`` like the generated ``add_RateLimitServiceServicer_to_server``, but
+    with ``parse_request`` as the request deserializer."""
+    handlers = {
+        "ShouldRateLimit": grpc.unary_unary_rpc_method_handler(
+            service.ShouldRateLimit,
+            request_deserializer=parse_request,
+            response_serializer=rls_pb2.RateLimitResponse.SerializeToString,
+        )
+    }
+    name = "envoy.service.ratelimit.v3.RateLimitService"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
 def response_to_proto(decision: Decision) -> rls_pb2.RateLimitResponse:
     response = _Response(overall_code=_PB_CODE[decision.overall])
     for status in decision.statuses:
@@ -85,10 +167,12 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         limiter: Limiter,
         config: Callable[[], RateLimitConfig | None],
         stats: ServiceStats,
+        limits: RequestLimits = RequestLimits(),
     ) -> None:
         self.limiter = limiter
         self.config = config
         self.stats = stats
+        self.limits = limits
 
     async def should_rate_limit(
         self, request: Request, deadline: float | None = None
@@ -96,6 +180,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         """Decide, mapping failures to our errors; the service's one entry point for all ports."""
         self.stats.add(STAT_TOTAL_REQUESTS)
         try:
+            check_request_limits(request, self.limits)
             async with asyncio.timeout(deadline):
                 return await self.limiter.should_rate_limit(self.config(), request)
         except (RequestError, NoConfigError):
@@ -109,8 +194,17 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             raise BackendError("deadline exceeded while waiting for the backend") from None
 
     async def ShouldRateLimit(  # the protocol names the method
-        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext
+        self,
+        request: rls_pb2.RateLimitRequest | MalformedRequest,
+        context: grpc.aio.ServicerContext,
     ) -> rls_pb2.RateLimitResponse:
+        if isinstance(request, MalformedRequest):
+            self.stats.add(STAT_TOTAL_REQUESTS)
+            self.stats.add(STAT_SERVICE_ERROR)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"malformed RateLimitRequest: {request.error}"
+            )
+            raise AssertionError("context.abort raises")  # for the type checker
         started = time.perf_counter()
         remaining = context.time_remaining()
         try:
