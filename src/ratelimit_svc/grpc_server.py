@@ -9,8 +9,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from .pb.envoy.service.ratelimit.v3 import rls_pb2_grpc
-from .service import RateLimitService
+from .service import RateLimitService, add_to_server
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,9 +48,11 @@ async def start_grpc_server(service: RateLimitService, settings: Settings) -> Gr
         ("grpc.so_reuseport", 0),  # a second instance on the same port must fail, not share it
         ("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.grpc_max_connection_age_grace * 1000)),
+        # A bigger request is refused by grpc itself with RESOURCE_EXHAUSTED (MAX_REQUEST_BYTES).
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
     ]
     server = grpc.aio.server(options=options)
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(service, server)
+    add_to_server(service, server)  # answers INVALID_ARGUMENT for undecodable bytes
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = listen_address(settings)

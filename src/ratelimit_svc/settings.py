@@ -330,6 +330,16 @@ class Settings:
     redis_startup_max_interval: Duration = 30.0
     redis_startup_max_elapsed_time: Duration = 0.0
 
+    # Ours (SPEC 12, docs/reliability.md): fail fast when the backend fails (0 = off / unbounded)
+    # and bound what one request may carry (0 = no limit).
+    breaker_failure_threshold: Count = 5
+    breaker_cooldown: Annotated[float, within(seconds, 0.0)] = 2.0
+    backend_max_in_flight: Count = 1000
+    max_descriptors_per_request: Count = 256
+    max_entries_per_descriptor: Count = 64
+    max_value_bytes: Count = 65536
+    max_request_bytes: Annotated[int, within(integer, 1024, 2**31 - 1)] = 4 * 1024 * 1024
+
     memcache_host_port: List = ()
     memcache_max_idle_conns: Count = 2
     memcache_srv: Text = ""

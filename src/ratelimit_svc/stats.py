@@ -1,17 +1,30 @@
-"""Stats: the service's counters, kept in memory under the reference's statsd names (SPEC 9).
+"""Stats: the service's counters, gauges and timers under the reference's statsd names (SPEC 9).
 
 ``MemoryStats`` is the one small interface the rest of the service writes to (``add``,
-``add_rule``, ``set_gauge``, ``observe_ms``) and the sinks read from (``snapshot``). Names are sanitized like the
-reference's (``:`` and ``|`` become ``_``) so they are valid statsd names.
+``add_rule``, ``set_gauge``, ``set_counter``, ``observe_ms``) and the sinks read from: ``flush``
+hands every counter's delta since the last flush, every gauge and (as they happen) every timer
+sample to the configured ``StatsSink``; ``snapshot`` gives cumulative values for the debug port.
+Names are sanitized like the reference's (``:`` and ``|`` become ``_``).
+
+Per-key stats (every name under ``ratelimit.service.rate_limit.``, whose middle part comes from
+request values with ``detailed_metric`` or from the request's domain) live in an LRU of at most
+``max_keys`` stats keys, so high-cardinality values cannot grow memory without limit. A key that
+is evicted first hands its unflushed deltas to the sink, so nothing counted is lost; only its
+cumulative value disappears from ``snapshot``.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import fields
+from typing import Protocol
 
 from .limiter import RuleCounts
 
 RULE_STATS = tuple(f.name for f in fields(RuleCounts))
+PER_KEY_PREFIX = "ratelimit.service.rate_limit."
+DEFAULT_MAX_KEYS = 10_000
 _SANITIZE = str.maketrans({":": "_", "|": "_"})
 
 
@@ -19,35 +32,206 @@ def sanitize(name: str) -> str:
     return name.translate(_SANITIZE)
 
 
-class MemoryStats:
-    """Monotonic counters and last-value gauges by name."""
+class StatsSink(Protocol):
+    """Where flushed stats go (the statsd, DogStatsD and Prometheus sinks); gostats' Sink."""
+
+    def flush_counter(self, name: str, value: int) -> None: ...
+
+    def flush_gauge(self, name: str, value: int) -> None: ...
+
+    def flush_timer(self, name: str, milliseconds: float) -> None: ...
+
+
+Collector = Callable[["MemoryStats"], None]
+
+
+class _Counter:
+    __slots__ = ("flushed", "total")
 
     def __init__(self) -> None:
-        self.counters: dict[str, int] = {}
-        self.gauges: dict[str, int] = {}
-        self.timers: dict[str, list[float]] = {}  # name → [count, total milliseconds]
+        self.total = 0
+        self.flushed = 0
+
+
+class MemoryStats:
+    """Monotonic counters (flushed as deltas), last-value gauges and timers, by statsd name."""
+
+    def __init__(self, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
+        self.max_keys = max_keys
+        self.sink: StatsSink | None = None
+        self._counters: dict[str, _Counter] = {}
+        # stats key -> {stat -> counter}; least recently used first.
+        self._keys: OrderedDict[str, dict[str, _Counter]] = OrderedDict()
+        self._gauges: dict[str, int] = {}
+        self.timers: dict[str, list[float]] = {}  # name -> [count, total milliseconds]
+        self._collectors: list[Collector] = []
+        self.evicted_keys = 0
+
+    # -- writing ---------------------------------------------------------------------------------
 
     def add(self, name: str, value: int = 1) -> None:
         name = sanitize(name)
-        self.counters[name] = self.counters.get(name, 0) + value
+        if name.startswith(PER_KEY_PREFIX):
+            key, _, stat = name[len(PER_KEY_PREFIX) :].rpartition(".")
+            if key:
+                self._key_counters(key).setdefault(stat, _Counter()).total += value
+                return
+        counter = self._counters.get(name)
+        if counter is None:
+            counter = self._counters[name] = _Counter()
+        counter.total += value
 
     def add_rule(self, stats_key: str, counts: RuleCounts) -> None:
-        prefix = sanitize(f"ratelimit.service.rate_limit.{stats_key}.")
-        counters = self.counters
+        """Add one decision's deltas to the six stats of ``stats_key``."""
+        counters = self._key_counters(sanitize(stats_key))
         for stat in RULE_STATS:
-            name = prefix + stat
-            counters[name] = counters.get(name, 0) + getattr(counts, stat)
+            counter = counters.get(stat)
+            if counter is None:
+                counter = counters[stat] = _Counter()
+            counter.total += getattr(counts, stat)
+
+    def set_counter(self, name: str, total: int) -> None:
+        """Set a counter kept elsewhere (e.g. connections ever opened) to its running total."""
+        name = sanitize(name)
+        counter = self._counters.get(name)
+        if counter is None:
+            counter = self._counters[name] = _Counter()
+        counter.total = total
 
     def set_gauge(self, name: str, value: int) -> None:
-        self.gauges[sanitize(name)] = value
+        self._gauges[sanitize(name)] = value
 
     def observe_ms(self, name: str, milliseconds: float) -> None:
-        timer = self.timers.setdefault(name, [0, 0.0])
+        name = sanitize(name)
+        timer = self.timers.get(name)
+        if timer is None:
+            timer = self.timers[name] = [0, 0.0]
         timer[0] += 1
         timer[1] += milliseconds
+        if self.sink is not None:
+            self.sink.flush_timer(name, milliseconds)  # as gostats: timers are not aggregated
+
+    def add_collector(self, collector: Collector) -> None:
+        """Call ``collector(self)`` before each flush and snapshot (to set pool or cache gauges)."""
+        self._collectors.append(collector)
+
+    def _key_counters(self, key: str) -> dict[str, _Counter]:
+        keys = self._keys
+        counters = keys.get(key)
+        if counters is not None:
+            keys.move_to_end(key)
+            return counters
+        counters = keys[key] = {}
+        if len(keys) > self.max_keys:
+            self._evict()
+        return counters
+
+    def _evict(self) -> None:
+        old_key, old = self._keys.popitem(last=False)
+        self.evicted_keys += 1
+        sink = self.sink
+        if sink is None:
+            return
+        prefix = f"{PER_KEY_PREFIX}{old_key}."
+        for stat, counter in old.items():
+            delta = counter.total - counter.flushed
+            if delta:
+                sink.flush_counter(prefix + stat, delta)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Hand every counter's delta since the last flush, and every gauge, to the sink."""
+        self._collect()
+        sink = self.sink
+        if sink is None:
+            return
+        for name, counter in self._counters.items():
+            if counter.total != counter.flushed:
+                sink.flush_counter(name, counter.total - counter.flushed)
+                counter.flushed = counter.total
+        for key, counters in self._keys.items():
+            for stat, counter in counters.items():
+                if counter.total != counter.flushed:
+                    sink.flush_counter(
+                        f"{PER_KEY_PREFIX}{key}.{stat}", counter.total - counter.flushed
+                    )
+                    counter.flushed = counter.total
+        for name, value in self._gauges.items():
+            sink.flush_gauge(name, value)
+
+    def _collect(self) -> None:
+        for collector in self._collectors:
+            collector(self)
 
     def get(self, name: str) -> int:
-        return self.counters.get(name, self.gauges.get(name, 0))
+        name = sanitize(name)
+        counter = self._counters.get(name)
+        if counter is None and name.startswith(PER_KEY_PREFIX):
+            key, _, stat = name[len(PER_KEY_PREFIX) :].rpartition(".")
+            counter = self._keys.get(key, {}).get(stat)
+        if counter is not None:
+            return counter.total
+        return self._gauges.get(name, 0)
 
     def snapshot(self) -> dict[str, int]:
-        return {**self.counters, **self.gauges}
+        """Cumulative counters (of the keys still held) and current gauges, by name."""
+        self._collect()
+        values = {name: c.total for name, c in self._counters.items()}
+        for key, counters in self._keys.items():
+            for stat, counter in counters.items():
+                values[f"{PER_KEY_PREFIX}{key}.{stat}"] = counter.total
+        values.update(self._gauges)
+        return values
+
+    def __len__(self) -> int:
+        """How many stats keys the LRU holds (at most ``max_keys``)."""
+        return len(self._keys)
+
+
+# -- collectors for stats kept by other objects ---------------------------------------------------
+
+
+class _PoolStatsSource(Protocol):
+    def pool_stats(self) -> dict[str, int]: ...
+
+
+class _LocalCacheSource(Protocol):
+    hit_count: int
+    miss_count: int
+    evacuate_count: int
+    expired_count: int
+
+    def __len__(self) -> int: ...
+
+
+def redis_pool_collector(store: _PoolStatsSource, scope: str = "ratelimit.redis_pool") -> Collector:
+    """``<scope>.cx_active`` (gauge), ``cx_total`` and ``cx_local_close`` (counters)."""
+
+    def collect(stats: MemoryStats) -> None:
+        pool = store.pool_stats()
+        stats.set_gauge(f"{scope}.cx_active", pool.get("cx_active", 0))
+        stats.set_counter(f"{scope}.cx_total", pool.get("cx_total", 0))
+        stats.set_counter(f"{scope}.cx_local_close", pool.get("cx_local_close", 0))
+
+    return collect
+
+
+def local_cache_collector(cache: _LocalCacheSource) -> Collector:
+    """The reference's ``ratelimit.localcache.*`` gauges (freecache's counters)."""
+
+    def collect(stats: MemoryStats) -> None:
+        hits, misses = cache.hit_count, cache.miss_count
+        scope = "ratelimit.localcache"
+        stats.set_gauge(f"{scope}.hitCount", hits)
+        stats.set_gauge(f"{scope}.missCount", misses)
+        stats.set_gauge(f"{scope}.lookupCount", hits + misses)
+        stats.set_gauge(f"{scope}.entryCount", len(cache))
+        stats.set_gauge(f"{scope}.evacuateCount", cache.evacuate_count)
+        stats.set_gauge(f"{scope}.expiredCount", cache.expired_count)
+        stats.set_gauge(f"{scope}.overwriteCount", getattr(cache, "overwrite_count", 0))
+        stats.set_gauge(f"{scope}.averageAccessTime", 0)  # not measured here
+
+    return collect

@@ -1,7 +1,9 @@
 """Counter stores behind the limiter's ``CounterStore`` seam, chosen from one explicit table.
 
 Optional backends are imported lazily so that a deployment only needs the client libraries of the
-backend it uses.
+backend it uses. Every store reached over the network is wrapped in a ``CircuitBreakerStore``
+(BREAKER_FAILURE_THRESHOLD, BREAKER_COOLDOWN, BACKEND_MAX_IN_FLIGHT), so a failing or hung backend
+makes requests fail fast instead of piling up.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "memory": ("ratelimit_svc.backends.memory", "open_store"),
     "redis": ("ratelimit_svc.backends.redis", "open_store"),
 }
+# Stores that live in the process: they cannot hang or fail, so they get no breaker.
+IN_PROCESS = frozenset({"memory"})
 
 
 async def open_store(settings: Settings, clock: Callable[[], float]) -> CounterStore:
@@ -36,4 +40,13 @@ async def open_store(settings: Settings, clock: Callable[[], float]) -> CounterS
         importlib.import_module(module_name), factory_name
     )
     store: CounterStore = await factory(settings, clock)
-    return store
+    if settings.backend_type in IN_PROCESS:
+        return store
+    from .breaker import CircuitBreakerStore
+
+    return CircuitBreakerStore(
+        store,
+        failure_threshold=settings.breaker_failure_threshold,
+        cooldown=settings.breaker_cooldown,
+        max_in_flight=settings.backend_max_in_flight,
+    )
