@@ -1,0 +1,362 @@
+"""Rate-limit config over xDS (CONFIG_TYPE=GRPC_XDS_SOTW): a state-of-the-world ADS client.
+
+``XdsConfigClient`` keeps one wildcard subscription to resources of type ``TYPE_URL`` on Envoy's
+aggregated discovery service, reconnecting with exponential backoff whenever the stream breaks.
+Every response is the complete set of rules: each RateLimitConfig resource becomes one config
+document named after the resource (rendered as the YAML a file would hold, so validation, error
+texts and MERGE_DOMAIN_CONFIG are exactly the file loader's), all are loaded together, and the
+result is either handed to ``on_config`` and ACKed, or NACKed with the error text while the last
+accepted config stays in effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+import yaml
+from google.protobuf import json_format, message
+from google.protobuf.struct_pb2 import Struct
+
+from . import __version__
+from .config import ConfigFile, RateLimitConfig, load_config
+from .errors import ConfigError, SettingsError
+from .pb.envoy.config.core.v3 import base_pb2
+from .pb.envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from .pb.ratelimit.config.ratelimit.v3 import rls_conf_pb2
+from .pb.ratelimit.deps.google.rpc import status_pb2
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+TYPE_URL = "type.googleapis.com/ratelimit.config.ratelimit.v3.RateLimitConfig"
+STAT_LOAD_SUCCESS = "ratelimit.service.config_load_success"
+STAT_LOAD_ERROR = "ratelimit.service.config_load_error"
+# The whole rule set arrives in one message; gRPC's default 4 MiB limit is too small for big ones.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_INVALID_ARGUMENT = 3  # google.rpc.Code, as Envoy sets it on a rejected update
+_MAX_DOUBLINGS = 60  # 2**60 intervals is already past any max interval
+
+
+class StatsSink(Protocol):
+    def add(self, name: str, value: int = 1) -> None: ...
+
+
+# -- resources → config ------------------------------------------------------------------------
+
+
+def load_resources(
+    resources: Sequence[Any], *, merge_domains: bool = False
+) -> RateLimitConfig:
+    """Validate and build the config from one response's resources (``google.protobuf.Any``)."""
+    files = [_to_config_file(index, resource) for index, resource in enumerate(resources)]
+    try:
+        return load_config(files, merge_domains=merge_domains)
+    except ConfigError as exc:
+        raise ConfigError(_without_yaml_lines(str(exc))) from None
+
+
+def _to_config_file(index: int, resource: Any) -> ConfigFile:
+    if resource.type_url.rpartition("/")[2] != TYPE_URL.rpartition("/")[2]:
+        raise ConfigError(
+            f"xDS resource {index}: type '{resource.type_url}' is not '{TYPE_URL}'"
+        )
+    config = rls_conf_pb2.RateLimitConfig()
+    try:
+        config.ParseFromString(resource.value)
+    except message.DecodeError as exc:
+        raise ConfigError(f"xDS resource {index}: cannot decode RateLimitConfig: {exc}") from None
+    name = config.name or f"<xDS resource {index}>"
+    document = {"domain": config.domain, "descriptors": _descriptors(config.descriptors)}
+    return ConfigFile(name, yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+
+
+def _descriptors(descriptors: Iterable[Any]) -> list[dict[str, Any]]:
+    out = []
+    for d in descriptors:
+        node: dict[str, Any] = {"key": d.key, "value": d.value}
+        if d.HasField("rate_limit"):
+            node["rate_limit"] = _policy(d.rate_limit)
+        if d.descriptors:
+            node["descriptors"] = _descriptors(d.descriptors)
+        node.update(
+            shadow_mode=d.shadow_mode, detailed_metric=d.detailed_metric, quota_mode=d.quota_mode
+        )
+        if d.HasField("metadata"):
+            node["metadata"] = json_format.MessageToDict(d.metadata)
+        out.append(node)
+    return out
+
+
+def _policy(policy: Any) -> dict[str, Any]:
+    # As the reference: the enum's name (UNKNOWN when unset, so "invalid rate limit unit
+    # 'UNKNOWN'"), or its number when the control plane sends one this proto does not name.
+    try:
+        unit = rls_conf_pb2.RateLimitUnit.Name(policy.unit)
+    except ValueError:
+        unit = str(policy.unit)
+    return {
+        "unit": unit,
+        "requests_per_unit": policy.requests_per_unit,
+        "unlimited": policy.unlimited,
+        "name": policy.name,
+        "replaces": [{"name": r.name} for r in policy.replaces],
+    }
+
+
+# The loader points at lines of the YAML we rendered, which the operator never sees; the path
+# next to it (descriptors[0].rate_limit) names the place in the resource, so keep only that.
+_YAML_LINE = re.compile(r" \(line \d+(?:, (?P<path>[^()]*))?\)$")
+
+
+def _without_yaml_lines(text: str) -> str:
+    return _YAML_LINE.sub(lambda m: f" ({m['path']})" if m["path"] else "", text)
+
+
+# -- reconnect backoff -------------------------------------------------------------------------
+
+
+@dataclass
+class Backoff:
+    """``initial * 2**n`` capped at ``maximum``; with jitter, scaled by a random factor in
+    ``[1 - random_factor, 1 + random_factor]`` (still capped). ``reset`` after a healthy stream."""
+
+    initial: float
+    maximum: float
+    random_factor: float
+    jitter: bool
+    rand: Callable[[], float] = random.random
+    attempt: int = 0
+
+    def next(self) -> float:
+        delay = min(self.initial * 2.0 ** min(self.attempt, _MAX_DOUBLINGS), self.maximum)
+        self.attempt += 1
+        if self.jitter and self.random_factor > 0:
+            delay *= 1.0 + self.random_factor * (2.0 * self.rand() - 1.0)
+        return max(0.0, min(delay, self.maximum))
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+# -- the client ----------------------------------------------------------------------------------
+
+
+class _StreamBroken(Exception):
+    """The ADS stream ended or failed; reconnect after a backoff."""
+
+
+class XdsConfigClient:
+    """Subscribes to rate-limit configs over ADS and hands every accepted one to ``on_config``.
+
+    ``start()`` launches the stream in a task, ``wait_first_config()`` waits for the first
+    accepted config, ``close()`` stops everything. ``stats`` receives config_load_success /
+    config_load_error. ``sleep`` and ``rand`` drive the reconnect backoff (tests replace them).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        on_config: Callable[[RateLimitConfig], None],
+        *,
+        stats: StatsSink | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.settings = settings
+        self.on_config = on_config
+        self.stats = stats
+        self.sleep = sleep
+        self.max_message_bytes = max_message_bytes
+        self.backoff = Backoff(
+            settings.xds_client_backoff_initial_interval,
+            settings.xds_client_backoff_max_interval,
+            settings.xds_client_backoff_random_factor,
+            settings.xds_client_backoff_jitter,
+            rand,
+        )
+        self.config: RateLimitConfig | None = None  # the last accepted config
+        self.version = ""  # its version_info
+        self._node = _node(settings)
+        # gRPC metadata keys are lower case; values of "-bin" keys travel as bytes.
+        self._metadata = tuple(
+            (key.lower(), value.encode() if key.lower().endswith("-bin") else value)
+            for key, value in settings.config_grpc_xds_client_additional_headers.items()
+        )
+        self._loaded = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Check the TLS files, then run the subscription in the background."""
+        self._credentials()  # a missing or unreadable file stops startup, naming the variable
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="xds-config-client")
+
+    async def wait_first_config(self) -> RateLimitConfig:
+        """The first accepted config (bound the wait with ``asyncio.timeout``); raises
+        ConfigError if the client is closed before one arrives."""
+        await self._loaded.wait()
+        if self.config is None:
+            raise ConfigError("xDS client closed before any configuration was loaded")
+        return self.config
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._loaded.set()  # release anyone still waiting for a first config
+
+    # -- the stream ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        url = self.settings.config_grpc_xds_server_url
+        while True:
+            try:
+                await self._stream(url)
+                reason = "the server ended the stream"
+            except _StreamBroken as exc:
+                reason = str(exc)
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+            except (OSError, SettingsError) as exc:
+                reason = str(exc)
+            except Exception as exc:  # a bug must not end config updates for good
+                log.exception("unexpected error in the xDS client")
+                reason = repr(exc)
+            delay = self.backoff.next()
+            log.warning(
+                "xDS stream to '%s' failed (%s); reconnecting in %.1fs", url, reason, delay
+            )
+            await self.sleep(delay)
+
+    async def _stream(self, url: str) -> None:
+        log.info("Connecting to xDS management server '%s'", url)
+        async with self._channel(url) as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            call = stub.StreamAggregatedResources(metadata=self._metadata)
+            # Resume from the last accepted version: the server may skip an unchanged state.
+            await self._send(call, self._request(self.version))
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    return
+                self.backoff.reset()  # the connection works: the next failure starts afresh
+                reply = self._apply(response)
+                if reply is not None:
+                    await self._send(call, reply)
+
+    @staticmethod
+    async def _send(call: Any, request: Any) -> None:
+        try:
+            await call.write(request)
+        except asyncio.InvalidStateError:  # the RPC finished under us; read() says how
+            raise _StreamBroken("the stream closed while sending") from None
+
+    def _apply(self, response: Any) -> Any:
+        """Load one response; return the ACK or NACK to send (None: not ours, ignored)."""
+        if response.type_url != TYPE_URL:
+            log.warning("ignoring an xDS response of unrequested type '%s'", response.type_url)
+            return None
+        try:
+            config = load_resources(
+                response.resources, merge_domains=self.settings.merge_domain_config
+            )
+        except ConfigError as exc:
+            self._add_stat(STAT_LOAD_ERROR)
+            log.error("Error loading new configuration: %s", exc)
+            return self._request(
+                self.version,
+                nonce=response.nonce,
+                error=status_pb2.Status(code=_INVALID_ARGUMENT, message=str(exc)),
+            )
+        self.config, self.version = config, response.version_info
+        self._add_stat(STAT_LOAD_SUCCESS)
+        log.info("Successfully loaded new configuration (xDS version '%s')", self.version)
+        self.on_config(config)
+        self._loaded.set()
+        return self._request(self.version, nonce=response.nonce)
+
+    def _request(self, version: str, *, nonce: str = "", error: Any = None) -> Any:
+        return discovery_pb2.DiscoveryRequest(
+            version_info=version,
+            node=self._node,
+            type_url=TYPE_URL,  # no resource_names: a wildcard subscription
+            response_nonce=nonce,
+            error_detail=error,
+        )
+
+    def _add_stat(self, name: str) -> None:
+        if self.stats is not None:
+            self.stats.add(name)
+
+    # -- the channel ---------------------------------------------------------------------------
+
+    def _channel(self, url: str) -> grpc.aio.Channel:
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ]
+        credentials = self._credentials()
+        if credentials is None:
+            return grpc.aio.insecure_channel(url, options=options)
+        san = self.settings.config_grpc_xds_server_tls_san
+        if san:
+            options.append(("grpc.ssl_target_name_override", san))
+        return grpc.aio.secure_channel(url, credentials, options=options)
+
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials, read afresh for every connection so rotated files are picked up."""
+        s = self.settings
+        if not s.config_grpc_xds_server_use_tls:
+            return None
+        files = {
+            "CONFIG_GRPC_XDS_SERVER_TLS_CACERT": s.config_grpc_xds_server_tls_cacert,
+            "CONFIG_GRPC_XDS_CLIENT_TLS_CERT": s.config_grpc_xds_client_tls_cert,
+            "CONFIG_GRPC_XDS_CLIENT_TLS_KEY": s.config_grpc_xds_client_tls_key,
+        }
+        if bool(files["CONFIG_GRPC_XDS_CLIENT_TLS_CERT"]) != bool(
+            files["CONFIG_GRPC_XDS_CLIENT_TLS_KEY"]
+        ):
+            raise SettingsError(
+                "CONFIG_GRPC_XDS_CLIENT_TLS_CERT and CONFIG_GRPC_XDS_CLIENT_TLS_KEY must be set "
+                "together (client certificate for mTLS to the xDS server)"
+            )
+        data = _read_files(files)
+        # No CA: the system's roots, as the reference.
+        return grpc.ssl_channel_credentials(
+            root_certificates=data["CONFIG_GRPC_XDS_SERVER_TLS_CACERT"],
+            private_key=data["CONFIG_GRPC_XDS_CLIENT_TLS_KEY"],
+            certificate_chain=data["CONFIG_GRPC_XDS_CLIENT_TLS_CERT"],
+        )
+
+
+def _read_files(paths: Mapping[str, str]) -> dict[str, bytes | None]:
+    data: dict[str, bytes | None] = {}
+    for variable, path in paths.items():
+        try:
+            data[variable] = Path(path).read_bytes() if path else None
+        except OSError as exc:
+            raise SettingsError(f"{variable}: cannot read {path!r}: {exc.strerror}") from None
+    return data
+
+
+def _node(settings: Settings) -> Any:
+    metadata = Struct()
+    metadata.update(dict(settings.config_grpc_xds_node_metadata))
+    return base_pb2.Node(
+        id=settings.config_grpc_xds_node_id,
+        metadata=metadata,
+        user_agent_name="ratelimit-svc",
+        user_agent_version=__version__,
+    )
