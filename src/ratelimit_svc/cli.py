@@ -16,7 +16,13 @@ from .errors import ConfigError
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
-    parser.add_argument(f"--{name}", f"-{name}", dest=name, **kwargs)  # type: ignore[arg-type]
+    """``--name`` and Go's ``-name``; with hyphens too (the reference client spells its TLS
+    flags ``-grpc-use-tls``, SPEC 10 ``--grpc_use_tls``)."""
+    spellings = [f"--{name}", f"-{name}"]
+    if "_" in name:
+        hyphens = name.replace("_", "-")
+        spellings += [f"--{hyphens}", f"-{hyphens}"]
+    parser.add_argument(*spellings, dest=name, **kwargs)  # type: ignore[arg-type]
 
 
 def config_check_main(argv: Sequence[str] | None = None) -> None:
@@ -38,7 +44,7 @@ def config_check_main(argv: Sequence[str] | None = None) -> None:
     try:
         paths = sorted(p for p in directory.iterdir() if p.is_file())
     except OSError as exc:
-        print(f"error loading rate limit configs: {args.config_dir}: {exc.strerror}")
+        print(f"error opening directory {args.config_dir}: {exc.strerror}")  # the reference's
         sys.exit(1)
     for path in paths:
         print(f"opening config file: {path}")
@@ -99,11 +105,15 @@ def client_main(argv: Sequence[str] | None = None) -> None:
         return Path(path).read_bytes() if path else None
 
     if args.grpc_use_tls:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=read(args.grpc_server_ca_file),
-            private_key=read(args.grpc_key_file),
-            certificate_chain=read(args.grpc_cert_file),
-        )
+        try:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read(args.grpc_server_ca_file),
+                private_key=read(args.grpc_key_file),
+                certificate_chain=read(args.grpc_cert_file),
+            )
+        except OSError as exc:
+            print(f"error reading TLS files: {exc.filename}: {exc.strerror}")
+            sys.exit(1)
         options = []
         if args.grpc_tls_server_name:
             options.append(("grpc.ssl_target_name_override", args.grpc_tls_server_name))

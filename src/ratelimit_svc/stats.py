@@ -212,9 +212,31 @@ def redis_pool_collector(store: _PoolStatsSource, scope: str = "ratelimit.redis_
 
     def collect(stats: MemoryStats) -> None:
         pool = store.pool_stats()
+        if not pool:
+            return  # a store without connections of its own (behind a breaker, say)
         stats.set_gauge(f"{scope}.cx_active", pool.get("cx_active", 0))
         stats.set_counter(f"{scope}.cx_total", pool.get("cx_total", 0))
         stats.set_counter(f"{scope}.cx_local_close", pool.get("cx_local_close", 0))
+
+    return collect
+
+
+class _BreakerSource(Protocol):
+    def breaker_stats(self) -> dict[str, int]: ...
+
+
+def breaker_collector(
+    store: _BreakerSource, scope: str = "ratelimit.backend_breaker"
+) -> Collector:
+    """Ours: ``<scope>.open`` and ``in_flight`` (gauges), ``opened``, ``rejected`` and
+    ``overloaded`` (counters) of the circuit breaker in front of a remote backend."""
+
+    def collect(stats: MemoryStats) -> None:
+        for name, value in store.breaker_stats().items():
+            if name.endswith("_total"):
+                stats.set_counter(f"{scope}.{name.removesuffix('_total')}", value)
+            else:
+                stats.set_gauge(f"{scope}.{name}", value)
 
     return collect
 

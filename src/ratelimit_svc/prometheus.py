@@ -1,0 +1,247 @@
+"""The Prometheus sink (USE_PROMETHEUS): flushed stats as the reference's metric names (SPEC 9).
+
+The reference feeds its statsd stats through statsd_exporter's mapper; this sink applies the same
+mapping to the same stream of flushed stats:
+
+- ``ratelimit.service.rate_limit.<domain>.<key1>[.<key2>...].<stat>`` →
+  ``ratelimit_service_rate_limit_<stat>{domain, key1, key2}`` (the first two key levels; deeper
+  levels add up into their parent's series);
+- ``ratelimit.service.rate_limit.<domain>.domain_not_found`` →
+  ``ratelimit_service_rate_limit_domain_not_found{domain}``;
+- ``ratelimit.service.call.should_rate_limit.<err>`` →
+  ``ratelimit_service_should_rate_limit_error{err_type}``;
+- ``ratelimit_server.<method>.total_requests`` → ``ratelimit_service_total_requests{grpc_method}``;
+- ``ratelimit_server.<method>.response_time`` (ms) →
+  ``ratelimit_service_response_time_seconds{grpc_method}``, a histogram;
+- ``ratelimit.service.config_load_{success,error}`` → ``ratelimit_service_config_load_*``;
+- anything else: the name with every character outside ``[a-zA-Z0-9_]`` replaced by ``_``.
+
+Counters keep the exact names (no ``_total`` suffix added), so dashboards built on the reference
+keep working. Metrics live in this sink's own ``CollectorRegistry``, never the global one; each
+metric holds at most ``max_series`` label sets (least recently updated dropped first), so
+high-cardinality values cannot grow memory without limit. The endpoint is served by aiohttp on
+PROMETHEUS_ADDR at PROMETHEUS_PATH, and each scrape flushes the stats first so it sees the present.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+
+from .errors import SettingsError
+from .stats import DEFAULT_MAX_KEYS, PER_KEY_PREFIX, RULE_STATS
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the classic text format
+# prometheus_client's (and client_golang's) default buckets, in seconds.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_INVALID = re.compile(r"[^a-zA-Z0-9_]")
+_Labels = tuple[tuple[str, str], ...]
+
+
+def _go_float(value: float) -> str:
+    """A value as client_golang writes it (``0.005``, ``1.0``, ``+Inf``)."""
+    if value == math.inf:
+        return "+Inf"
+    if value == -math.inf:
+        return "-Inf"
+    return repr(float(value))
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def escape(name: str) -> str:
+    """statsd_exporter's name for an unmapped stat."""
+    escaped = _INVALID.sub("_", name)
+    return f"_{escaped}" if escaped[:1].isdigit() else escaped
+
+
+@dataclass(slots=True)
+class _Histogram:
+    buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
+    count: int = 0
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(BUCKETS, value)
+        if index < len(BUCKETS):
+            self.buckets[index] += 1
+        self.count += 1
+        self.total += value
+
+
+@dataclass(slots=True)
+class _Family:
+    kind: str  # counter | gauge | histogram
+    help: str
+    series: OrderedDict[_Labels, float | _Histogram] = field(default_factory=OrderedDict)
+
+
+def map_counter(name: str) -> tuple[str, _Labels]:
+    """The metric name and labels of a statsd counter name (see the module docstring)."""
+    if name.startswith(PER_KEY_PREFIX):
+        key, _, stat = name[len(PER_KEY_PREFIX) :].rpartition(".")
+        parts = key.split(".") if key else []
+        if stat in RULE_STATS and len(parts) >= 2:
+            labels = [("domain", parts[0]), ("key1", parts[1])]
+            if len(parts) > 2:
+                labels.append(("key2", parts[2]))
+            return f"ratelimit_service_rate_limit_{stat}", tuple(labels)
+        if stat == "domain_not_found" and len(parts) == 1:
+            return "ratelimit_service_rate_limit_domain_not_found", (("domain", parts[0]),)
+    if name.startswith("ratelimit.service.call.should_rate_limit."):
+        err_type = name.rpartition(".")[2]
+        return "ratelimit_service_should_rate_limit_error", (("err_type", err_type),)
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] == "ratelimit_server" and parts[2] == "total_requests":
+        return "ratelimit_service_total_requests", (("grpc_method", parts[1]),)
+    return escape(name), ()
+
+
+class PrometheusSink:
+    """A ``StatsSink`` holding metrics for scrapes, and the HTTP endpoint that serves them."""
+
+    def __init__(
+        self,
+        addr: str = ":9090",
+        path: str = "/metrics",
+        *,
+        max_series: int = DEFAULT_MAX_KEYS,
+        before_scrape: Callable[[], None] | None = None,
+    ) -> None:
+        self.addr, self.path = addr, path
+        self.max_series = max_series
+        self.before_scrape = before_scrape
+        self._families: dict[str, _Family] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)  # a Collector by duck typing
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # -- StatsSink -------------------------------------------------------------------------------
+
+    def flush_counter(self, name: str, value: int) -> None:
+        metric, labels = map_counter(name)
+        series = self._series(metric, "counter", labels)
+        series[labels] = float(series.get(labels, 0.0)) + value  # type: ignore[arg-type]
+
+    def flush_gauge(self, name: str, value: int) -> None:
+        metric = escape(name)
+        self._series(metric, "gauge", ())[()] = float(value)
+
+    def flush_timer(self, name: str, milliseconds: float) -> None:
+        parts = name.split(".")
+        labels: _Labels = ()
+        metric = escape(name)
+        if len(parts) == 3 and parts[0] == "ratelimit_server" and parts[2] == "response_time":
+            metric, labels = "ratelimit_service_response_time_seconds", (("grpc_method", parts[1]),)
+        series = self._series(metric, "histogram", labels)
+        histogram = series.get(labels)
+        if not isinstance(histogram, _Histogram):
+            histogram = series[labels] = _Histogram()
+        histogram.observe(milliseconds / 1000.0)
+
+    def _series(
+        self, metric: str, kind: str, labels: _Labels
+    ) -> OrderedDict[_Labels, float | _Histogram]:
+        family = self._families.get(metric)
+        if family is None:
+            family = self._families[metric] = _Family(kind, f"ratelimit stat {metric}")
+        series = family.series
+        if labels in series:
+            series.move_to_end(labels)
+        elif len(series) >= self.max_series:
+            series.popitem(last=False)
+        return series
+
+    # -- prometheus_client Collector -------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        for name, family in sorted(self._families.items()):
+            metric = Metric(name, family.help, family.kind)
+            for labels, value in family.series.items():
+                label_map = dict(labels)
+                if isinstance(value, _Histogram):
+                    cumulative = 0
+                    for bound, count in zip(BUCKETS, value.buckets, strict=True):
+                        cumulative += count
+                        bucket = {**label_map, "le": _go_float(bound)}
+                        metric.add_sample(f"{name}_bucket", bucket, cumulative)
+                    metric.add_sample(f"{name}_bucket", {**label_map, "le": "+Inf"}, value.count)
+                    metric.add_sample(f"{name}_count", label_map, value.count)
+                    metric.add_sample(f"{name}_sum", label_map, value.total)
+                else:
+                    metric.add_sample(name, label_map, value)
+            yield metric
+
+    def render(self) -> bytes:
+        """The text exposition format, as client_golang writes it.
+
+        prometheus_client's ``generate_latest`` follows OpenMetrics, where a counter family is
+        always named ``<name>_total``; the reference's counters are not (``total_requests``), so
+        the families are written here, unchanged.
+        """
+        if self.before_scrape is not None:
+            self.before_scrape()
+        out: list[str] = []
+        for metric in self.registry.collect():
+            out.append(f"# HELP {metric.name} {_escape_help(metric.documentation)}\n")
+            out.append(f"# TYPE {metric.name} {metric.type}\n")
+            for sample in metric.samples:
+                labels = ",".join(
+                    f'{k}="{_escape_label(v)}"' for k, v in sorted(sample.labels.items())
+                )
+                shown = f"{{{labels}}}" if labels else ""
+                out.append(f"{sample.name}{shown} {_go_float(sample.value)}\n")
+        return "".join(out).encode()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        host, colon, port = self.addr.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not colon or not port.isdigit() or int(port) > 65535:
+            raise SettingsError(
+                f"invalid value for PROMETHEUS_ADDR: {self.addr!r} (expected host:port or :port)"
+            )
+        app = web.Application()
+        app.router.add_get(self.path, self._handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host or None, int(port))
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        log.warning("Listening for Prometheus on '%s:%d%s'", host, self.port, self.path)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = self.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def flush(self) -> None:
+        """Nothing to send: Prometheus pulls."""
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

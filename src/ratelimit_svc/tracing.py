@@ -1,0 +1,174 @@
+"""OpenTelemetry tracing (TRACING_ENABLED): a span per ShouldRateLimit call and one per backend
+round trip, continuing the caller's trace from W3C ``traceparent`` or B3 (single ``b3`` or
+``x-b3-*``) gRPC metadata.
+
+This module is imported only when tracing is on, so a service without it never loads
+OpenTelemetry. Spans are exported over OTLP, HTTP or gRPC as TRACING_EXPORTER_PROTOCOL says, to
+the endpoint OpenTelemetry's own OTEL_EXPORTER_OTLP_* variables name (default localhost:4318 or
+:4317), sampled at TRACING_SAMPLING_RATE unless the caller's trace already decided
+(parent-based). The resource carries TRACING_SERVICE_NAME, _NAMESPACE and _INSTANCE_ID. Nothing is
+global: the provider, tracer and propagator belong to the ``Tracing`` object the app owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
+from opentelemetry.propagators.b3 import B3MultiFormat
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from .limiter import CounterStore, Increment
+from .settings import Settings
+
+SERVICE_PREFIX = "/envoy.service.ratelimit.v3.RateLimitService/"
+
+
+def _exporter(protocol: str) -> SpanExporter:
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
+            OTLPSpanExporter,
+        )
+    return OTLPSpanExporter()
+
+
+class Tracing:
+    """The tracer provider, the propagator, and the hooks that create spans."""
+
+    def __init__(self, settings: Settings, exporter: SpanExporter | None = None) -> None:
+        attributes = {"service.name": settings.tracing_service_name}
+        if settings.tracing_service_namespace:
+            attributes["service.namespace"] = settings.tracing_service_namespace
+        if settings.tracing_service_instance_id:
+            attributes["service.instance.id"] = settings.tracing_service_instance_id
+        self.provider = TracerProvider(
+            resource=Resource.create(attributes),
+            sampler=ParentBased(TraceIdRatioBased(settings.tracing_sampling_rate)),
+        )
+        if exporter is None:
+            processor: Any = BatchSpanProcessor(_exporter(settings.tracing_exporter_protocol))
+        else:
+            processor = SimpleSpanProcessor(exporter)  # given by tests: spans visible at once
+        self.provider.add_span_processor(processor)
+        self.tracer = self.provider.get_tracer("ratelimit_svc")
+        self.propagator = CompositePropagator(
+            [TraceContextTextMapPropagator(), W3CBaggagePropagator(), B3MultiFormat()]
+        )
+        self.backend = settings.backend_type
+
+    def extract(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Context:
+        """The caller's trace context from gRPC metadata (empty when there is none)."""
+        carrier = {
+            key.lower(): value for key, value in metadata or () if isinstance(value, str)
+        }
+        return self.propagator.extract(carrier)
+
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
+        return _TracingInterceptor(self)
+
+    def wrap_store(self, store: CounterStore) -> CounterStore:
+        return TracedStore(store, self)
+
+    async def shutdown(self) -> None:
+        # Flushing the batch processor blocks on the network: keep the event loop free.
+        await asyncio.to_thread(self.provider.shutdown)
+
+
+class _TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, tracing: Tracing) -> None:
+        self.tracing = tracing
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        return handler._replace(
+            unary_unary=self._traced(handler.unary_unary, method, handler_call_details)
+        )
+
+    def _traced(self, behaviour: Callable[..., Any], method: str, details: Any) -> Any:
+        tracing = self.tracing
+        service, _, name = method[1:].partition("/")
+
+        async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            parent = tracing.extract(details.invocation_metadata)
+            with tracing.tracer.start_as_current_span(
+                method[1:],
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes={
+                    "rpc.system": "grpc",
+                    "rpc.service": service,
+                    "rpc.method": name,
+                    "ratelimit.domain": getattr(request, "domain", ""),
+                },
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                try:
+                    response = await behaviour(request, context)
+                except BaseException:
+                    code = context.code()
+                    status = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+                    span.set_attribute("rpc.grpc.status_code", status.value[0])
+                    span.set_status(Status(StatusCode.ERROR, context.details() or status.name))
+                    raise
+                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+                return response
+
+        return traced
+
+
+class TracedStore:
+    """A ``CounterStore`` whose every round trip is a CLIENT span under the request's span."""
+
+    def __init__(self, store: CounterStore, tracing: Tracing) -> None:
+        self.store = store
+        self._tracer = tracing.tracer
+        self._system = tracing.backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)  # pool_stats() and the like
+
+    async def increment(self, increments: Sequence[Increment]) -> list[int]:
+        with self._tracer.start_as_current_span(
+            f"{self._system} increment",
+            kind=SpanKind.CLIENT,
+            attributes={"db.system": self._system, "ratelimit.keys": len(increments)},
+        ):
+            return await self.store.increment(increments)
+
+    async def get(self, keys: Sequence[str]) -> list[int]:
+        with self._tracer.start_as_current_span(
+            f"{self._system} get",
+            kind=SpanKind.CLIENT,
+            attributes={"db.system": self._system, "ratelimit.keys": len(keys)},
+        ):
+            return await self.store.get(keys)
+
+    async def ping(self) -> None:
+        await self.store.ping()
+
+    async def close(self) -> None:
+        await self.store.close()
