@@ -4,19 +4,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
-import pytest
-
 from .client import Reply, fresh_window, request
 from .stacks import Stacks
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("ratelimit_svc.reload") is None,
-    reason="hot reload (ratelimit_svc.reload) has not landed yet",
-)
 
 RULES = """\
 domain: mydomain
