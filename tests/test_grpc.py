@@ -49,6 +49,10 @@ def base_env(**extra: str) -> dict[str, str]:
         "BACKEND_TYPE": "memory",
         "GRPC_HOST": "127.0.0.1",
         "GRPC_PORT": "0",
+        "HOST": "127.0.0.1",
+        "PORT": "0",
+        "DEBUG_HOST": "127.0.0.1",
+        "DEBUG_PORT": "0",
         "USE_STATSD": "false",
         "EXPIRATION_JITTER_MAX_SECONDS": "0",
     }
@@ -265,7 +269,7 @@ def test_invalid_setting_stops_startup_with_one_line(variable: str, value: str) 
 
 def test_make_run_answers_with_the_example_config() -> None:
     port = free_port()
-    env = {"GRPC_PORT": str(port), "GRPC_HOST": "127.0.0.1", "PYTHON": sys.executable}
+    env = {"GRPC_PORT": str(port), "GRPC_HOST": "127.0.0.1", "PORT": "0", "DEBUG_PORT": "0", "PYTHON": sys.executable}
     proc, _ = start_process(["make", "--no-print-directory", "run"], env)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -8,6 +8,7 @@ listening (finishing in-flight RPCs) and close the backend. A second signal forc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -15,21 +16,35 @@ import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from . import backends
 from .config import RateLimitConfig
+from .debug_server import start_debug_server
 from .errors import ConfigError, RateLimitSvcError, SettingsError
 from .grpc_server import GrpcServer, start_grpc_server
+from .health import Health, monitor_backend
+from .http_server import Listener, start_http_server
 from .limiter import CounterStore, Limiter, LimiterOptions
+from .logsetup import configure_logging
+from .reload import ConfigWatcher
 from .runtime import RuntimeLocation, load_from_files
-from .service import RateLimitService
+from .service import RateLimitService, RequestLimits
 from .settings import Settings
-from .stats import MemoryStats
+from .sinks import StatsReporter, start_reporter
+from .stats import MemoryStats, breaker_collector, local_cache_collector, redis_pool_collector
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
 STAT_LOAD_SUCCESS = "ratelimit.service.config_load_success"
 STAT_LOAD_ERROR = "ratelimit.service.config_load_error"
+# In-flight RPCs and HTTP requests get this long to finish once the listeners stop accepting.
+STOP_GRACE_SECONDS = 5.0
 
 
 def limiter_options(settings: Settings) -> LimiterOptions:
@@ -53,17 +68,51 @@ def limiter_options(settings: Settings) -> LimiterOptions:
     )
 
 
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 class App:
     """One running service. ``config`` is swapped whole on reload; requests keep their snapshot."""
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        span_exporter: SpanExporter | None = None,  # tests: spans in memory instead of OTLP
+    ) -> None:
         self.settings = settings
         self.clock = clock
         self.stats = MemoryStats()
-        self.config: RateLimitConfig | None = None
+        self.reporter: StatsReporter | None = None
+        self.tracing: Tracing | None = None
+        self._span_exporter = span_exporter
+        self.health = Health(require_config=settings.healthy_with_at_least_one_config_loaded)
+        self._config: RateLimitConfig | None = None
+        # Told of every swap (workers.py sends each config to the worker processes).
+        self.config_listeners: list[Callable[[RateLimitConfig | None], None]] = []
         self.store: CounterStore | None = None
         self.grpc: GrpcServer | None = None
+        self.http: Listener | None = None
+        self.debug: Listener | None = None
+        self.watcher: ConfigWatcher | None = None
+        self._operations = contextlib.AsyncExitStack()  # HTTP, debug, health, reload
         self._stop = asyncio.Event()
+
+    @property
+    def config(self) -> RateLimitConfig | None:
+        return self._config
+
+    @config.setter
+    def config(self, config: RateLimitConfig | None) -> None:
+        """The one reference swap of a reload (file or xDS); health follows it."""
+        self._config = config
+        self.health.set_config_loaded(config is not None and bool(config.domains))
+        for listener in self.config_listeners:
+            listener(config)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -73,22 +122,99 @@ class App:
         try:
             self.reload()
             limiter = Limiter(
-                store=self.store,
+                store=self._traced_store(self.store),
                 stats=self.stats,
                 options=limiter_options(settings),
                 clock=self.clock,
             )
-            self.service = RateLimitService(limiter, lambda: self.config, self.stats)
-            self.grpc = await start_grpc_server(self.service, settings)
+            limits = RequestLimits(
+                settings.max_descriptors_per_request,
+                settings.max_entries_per_descriptor,
+                settings.max_value_bytes,
+            )
+            self.service = RateLimitService(limiter, lambda: self.config, self.stats, limits)
+            await self._start_stats(limiter)
+            self.grpc = await start_grpc_server(
+                self.service, settings, serving=self.health.healthy,
+                interceptors=self._interceptors(),
+            )
+            await self._start_operations()
         except BaseException:
+            await self._operations.aclose()
+            if self.grpc is not None:
+                await self.grpc.stop(grace=None)
             await self.store.close()
+            await self._close_telemetry()
             raise
         return self
+
+    async def _start_operations(self) -> None:
+        """Health publishing and backend pings, the HTTP and debug ports, the config watcher."""
+        assert self.store is not None and self.grpc is not None
+        settings, ops = self.settings, self._operations
+        self.health.observe(self.grpc.set_serving)
+        spawn = asyncio.get_running_loop().create_task
+        for task in (
+            spawn(self.health.run(), name="health-publish"),
+            spawn(
+                monitor_backend(self.store, self.health, ping_timeout=settings.redis_op_timeout),
+                name="health-backend-ping",
+            ),
+        ):
+            ops.push_async_callback(_cancel_and_wait, task)
+        self.http = await start_http_server(self.service, self.health, settings.host, settings.port)
+        ops.push_async_callback(self.http.close)
+        self.debug = await start_debug_server(settings, lambda: self.config, self.stats.snapshot)
+        ops.push_async_callback(self.debug.close)
+        if settings.config_type == "FILE" and settings.runtime_subdirectory:
+            self.watcher = await ops.enter_async_context(
+                ConfigWatcher(
+                    self.runtime_location(),
+                    watch_root=settings.runtime_watch_root,
+                    reload=self.reload,
+                )
+            )
+
+    # -- stats and tracing ---------------------------------------------------------------------
+
+    def _traced_store(self, store: CounterStore) -> CounterStore:
+        """The store the limiter uses: each round trip a span when TRACING_ENABLED."""
+        if self.settings.tracing_enabled and self.tracing is None:
+            from .tracing import Tracing  # imported only now: no OpenTelemetry when tracing is off
+
+            self.tracing = Tracing(self.settings, self._span_exporter)
+        return store if self.tracing is None else self.tracing.wrap_store(store)
+
+    def _interceptors(self) -> list[Any]:
+        return [] if self.tracing is None else [self.tracing.interceptor()]
+
+    async def _start_stats(self, limiter: Limiter) -> None:
+        """Stats kept by the store and the local cache, and the sink the settings choose."""
+        store: Any = self.store
+        if hasattr(store, "pool_stats"):
+            self.stats.add_collector(redis_pool_collector(store))
+        if hasattr(store, "breaker_stats"):
+            self.stats.add_collector(breaker_collector(store))
+        if limiter.local_cache is not None:
+            self.stats.add_collector(local_cache_collector(limiter.local_cache))
+        self.reporter = await start_reporter(self.settings, self.stats)
+
+    async def _close_telemetry(self) -> None:
+        reporter, self.reporter = self.reporter, None
+        tracing, self.tracing = self.tracing, None
+        try:
+            if reporter is not None:
+                await reporter.close()
+        finally:
+            if tracing is not None:
+                await tracing.shutdown()
 
     async def run(self) -> None:
         await self._stop.wait()
 
     def stop(self) -> None:
+        """Begin shutdown (SIGTERM): unhealthy at once on both health surfaces."""
+        self.health.start_shutdown()
         self._stop.set()
 
     async def __aexit__(
@@ -97,23 +223,42 @@ class App:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.grpc is not None:
-            await self.grpc.set_serving(False)
-            await self.grpc.stop(grace=5.0)
-        if self.store is not None:
-            await self.store.close()
+        # Unhealthy first, then give load balancers SHUTDOWN_DRAIN_SECONDS to notice while every
+        # request is still answered; only then stop accepting and finish what is in flight.
+        self.health.start_shutdown()
+        await self.health.publish()
+        drain = self.settings.shutdown_drain_seconds
+        if drain > 0:
+            log.warning("shutting down: draining for %gs before closing listeners", drain)
+            await asyncio.sleep(drain)
+        try:
+            if self.grpc is not None:
+                await self.grpc.stop(grace=STOP_GRACE_SECONDS)
+        finally:
+            try:
+                await self._operations.aclose()  # the watcher, debug, HTTP (in-flight finish)
+            finally:
+                try:
+                    if self.store is not None:
+                        await self.store.close()
+                finally:
+                    await self._close_telemetry()  # the final stats flush, buffered spans
 
     # -- config ----------------------------------------------------------------------------------
 
-    def reload(self) -> bool:
-        """Load the whole file config; on success swap it in, on failure keep the old one."""
+    def runtime_location(self) -> RuntimeLocation:
         s = self.settings
-        location = RuntimeLocation(
+        return RuntimeLocation(
             s.runtime_root, s.runtime_subdirectory, s.runtime_appdirectory,
             s.runtime_ignoredotfiles,
         )
+
+    def reload(self) -> bool:
+        """Load the whole file config; on success swap it in, on failure keep the old one."""
         try:
-            config = load_from_files(location, merge_domains=s.merge_domain_config)
+            config = load_from_files(
+                self.runtime_location(), merge_domains=self.settings.merge_domain_config
+            )
         except ConfigError as exc:
             self.stats.add(STAT_LOAD_ERROR)
             log.error("Error loading new configuration: %s", exc)
@@ -127,34 +272,37 @@ class App:
         return True
 
 
-def configure_logging(settings: Settings) -> None:
-    level = {"TRACE": "DEBUG", "WARN": "WARNING", "FATAL": "CRITICAL", "PANIC": "CRITICAL"}.get(
-        settings.log_level, settings.log_level
-    )
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+async def serve(settings: Settings, app_factory: Callable[[Settings], App] = App) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully (exit 0); a second signal forces exit.
 
-
-async def serve(settings: Settings) -> None:
+    The handlers are installed before startup: a signal while the backend is still being waited
+    for cancels the startup, and one that arrives during it is never the default (kill) action.
+    """
     loop = asyncio.get_running_loop()
-    async with App(settings) as app:
-        signals_seen = 0
+    app = app_factory(settings)  # App, or a worker process's variant (workers.py)
+    starting = asyncio.current_task()
+    signals_seen = 0
 
-        def on_signal() -> None:
-            nonlocal signals_seen
-            signals_seen += 1
-            if signals_seen > 1:
-                log.warning("second signal: exiting now")
-                os._exit(1)
-            log.warning("signal received: shutting down")
-            app.stop()
+    def on_signal() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.warning("signal received: shutting down")
+        app.stop()
+        if starting is not None:
+            starting.cancel()
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-        await app.run()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        async with app:
+            starting = None  # started: from now on the signal drains instead of cancelling
+            await app.run()
+    except asyncio.CancelledError:
+        if not signals_seen:
+            raise
 
 
 def main() -> None:
@@ -166,7 +314,9 @@ def main() -> None:
         sys.exit(1)
     configure_logging(settings)
     try:
-        asyncio.run(serve(settings))
+        from .workers import run  # it builds on this module
+
+        run(settings, os.environ)  # WORKERS processes (one: just serve(settings))
     except RateLimitSvcError as exc:
         log.error("%s", exc)
         sys.exit(1)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from . import tls
 from .service import RateLimitService, add_to_server
 from .settings import Settings
 
@@ -43,24 +45,46 @@ def listen_address(settings: Settings) -> str:
     return f"{settings.grpc_host}:{settings.grpc_port}"
 
 
-async def start_grpc_server(service: RateLimitService, settings: Settings) -> GrpcServer:
+async def start_grpc_server(
+    service: RateLimitService,
+    settings: Settings,
+    *,
+    serving: bool = True,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> GrpcServer:
+    """Listen; the health services start as ``serving`` says (the app's health follows).
+
+    With GRPC_SERVER_USE_TLS the port is TLS (mTLS with GRPC_CLIENT_TLS_CACERT, the SAN checked
+    first of all interceptors with GRPC_CLIENT_TLS_SAN); ``interceptors`` (tracing) run after.
+    """
     options = [
-        ("grpc.so_reuseport", 0),  # a second instance on the same port must fail, not share it
+        # WORKERS processes share the port (workers.py checks nothing else holds it); a single
+        # process must fail on a port in use, not share it with a second instance.
+        ("grpc.so_reuseport", int(settings.workers > 1)),
         ("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.grpc_max_connection_age_grace * 1000)),
         # A bigger request is refused by grpc itself with RESOURCE_EXHAUSTED (MAX_REQUEST_BYTES).
         ("grpc.max_receive_message_length", settings.max_request_bytes),
     ]
-    server = grpc.aio.server(options=options)
+    credentials = None
+    chain = list(interceptors)
+    if settings.grpc_server_use_tls:
+        credentials, _ = tls.server_credentials(settings)
+        if settings.grpc_client_tls_san:
+            chain.insert(0, tls.SanCheck(settings.grpc_client_tls_san))
+    server = grpc.aio.server(options=options, interceptors=chain or None)
     add_to_server(service, server)  # answers INVALID_ARGUMENT for undecodable bytes
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = listen_address(settings)
-    port = server.add_insecure_port(address)
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     await server.start()
     if not settings.grpc_uds:
         address = f"{settings.grpc_host}:{port}"
     log.warning("Listening for gRPC on '%s'", address)
     result = GrpcServer(server, health, address, port)
-    await result.set_serving(True)
+    await result.set_serving(serving)  # nothing yielded since start(): no RPC was answered yet
     return result

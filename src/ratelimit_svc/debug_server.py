@@ -1,0 +1,207 @@
+"""The debug listener on DEBUG_HOST:DEBUG_PORT (SPEC 8): what the reference serves there, and
+Python's answer to its Go profiler (pprof) endpoints.
+
+``/`` lists the endpoints as ``<path>: <help>`` lines, ``/rlconfig`` is the loaded config in the
+reference's line format, ``/stats`` the current counters and gauges as sorted ``name: value`` lines,
+``/settings`` the effective settings with credentials redacted. In place of ``/debug/pprof/``:
+``/debug/tasks`` (every asyncio task with its stack: where a request is stuck), ``/debug/threads``
+(every thread's stack: watchdog, gRPC, the loop) and ``/debug/tracemalloc`` (the top allocation
+sites). tracemalloc costs memory and time, so it is off until asked for: ``?start=1`` starts it
+(``&frames=N`` frames per trace), ``?stop=1`` stops it, a plain GET shows the top ``?limit=N``
+sites grouped by ``?key=lineno|filename|traceback``. PYTHONTRACEMALLOC=N starts it at startup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import sys
+import threading
+import traceback
+import tracemalloc
+from collections.abc import Callable, Mapping
+from types import FrameType
+
+from aiohttp import web
+
+from .http_server import Listener, start_listener
+from .rules import RateLimitConfig
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = {
+    "/": "this list of endpoints",
+    "/rlconfig": "print out the currently loaded configuration for debugging",
+    "/stats": "print out stats",
+    "/settings": "the effective settings as JSON, credentials redacted",
+    "/debug/tasks": "every asyncio task and its stack",
+    "/debug/threads": "every thread and its stack",
+    "/debug/tracemalloc": (
+        "top allocation sites; ?start=1[&frames=N] to start tracing, ?stop=1 to stop, "
+        "?limit=N (default 25), ?key=lineno|filename|traceback"
+    ),
+}
+DEFAULT_TRACEMALLOC_LIMIT = 25
+DEFAULT_TRACEMALLOC_FRAMES = 10
+_KEY_TYPES = ("lineno", "filename", "traceback")
+
+
+def _text(body: str) -> web.Response:
+    return web.Response(text=body)
+
+
+def _int_param(request: web.Request, name: str, default: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise web.HTTPBadRequest(text=f"{name} must be a positive integer, got {raw!r}\n")
+    return int(raw)
+
+
+def _await_chain(coro: object) -> list[FrameType]:
+    """The frames of a suspended coroutine and of everything it awaits, outermost first.
+
+    (``Task.get_stack`` gives only the outermost frame of a suspended task.)
+    """
+    frames: list[FrameType] = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames
+
+
+def format_frames(frames: list[FrameType]) -> list[str]:
+    summary = traceback.StackSummary.extract(
+        (frame, frame.f_lineno or frame.f_code.co_firstlineno) for frame in frames
+    )
+    return summary.format()
+
+
+def dump_tasks() -> str:
+    out = io.StringIO()
+    tasks = sorted(asyncio.all_tasks(), key=lambda t: t.get_name())
+    out.write(f"{len(tasks)} asyncio tasks\n")
+    for task in tasks:
+        coro = task.get_coro()
+        out.write(f"\n--- {task.get_name()}: {getattr(coro, '__qualname__', coro)!r}\n")
+        out.writelines(format_frames(_await_chain(coro)))
+    return out.getvalue()
+
+
+def dump_threads() -> str:
+    out = io.StringIO()
+    frames = sys._current_frames()
+    threads = sorted(threading.enumerate(), key=lambda t: t.name)
+    out.write(f"{len(threads)} threads\n")
+    for thread in threads:
+        daemon = " (daemon)" if thread.daemon else ""
+        out.write(f"\n--- {thread.name}{daemon} ident={thread.ident}\n")
+        frame = frames.get(thread.ident) if thread.ident is not None else None
+        stack: list[FrameType] = []
+        while frame is not None:
+            stack.append(frame)
+            frame = frame.f_back
+        out.writelines(format_frames(stack[::-1]))
+    return out.getvalue()
+
+
+def tracemalloc_top(limit: int, key_type: str) -> str:
+    """The top ``limit`` allocation sites (run in a worker thread: a snapshot can take a while)."""
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        (
+            tracemalloc.Filter(False, tracemalloc.__file__),
+            tracemalloc.Filter(False, "<frozen importlib._bootstrap>"),
+            tracemalloc.Filter(False, "<frozen importlib._bootstrap_external>"),
+            tracemalloc.Filter(False, "<unknown>"),
+        )
+    )
+    current, peak = tracemalloc.get_traced_memory()
+    lines = [
+        f"traced memory: current {current} bytes, peak {peak} bytes, "
+        f"{tracemalloc.get_traceback_limit()} frames per trace",
+        f"top {limit} by {key_type}:",
+    ]
+    for stat in snapshot.statistics(key_type)[:limit]:
+        lines.append(str(stat))
+        if key_type == "traceback":
+            lines.extend(f"    {line}" for line in stat.traceback.format())
+    return "\n".join(lines) + "\n"
+
+
+def build_debug_app(
+    settings: Settings,
+    config: Callable[[], RateLimitConfig | None],
+    stats: Callable[[], Mapping[str, int]],
+) -> web.Application:
+    async def index(request: web.Request) -> web.Response:
+        return _text("".join(f"{path}: {help_}\n" for path, help_ in sorted(ENDPOINTS.items())))
+
+    async def rlconfig(request: web.Request) -> web.Response:
+        current = config()
+        return _text(current.dump() if current is not None else "")
+
+    async def stats_endpoint(request: web.Request) -> web.Response:
+        return _text("".join(f"{name}: {value}\n" for name, value in sorted(stats().items())))
+
+    async def settings_endpoint(request: web.Request) -> web.Response:
+        return web.json_response(settings.redacted(), dumps=lambda d: json.dumps(d, indent=2))
+
+    async def tasks(request: web.Request) -> web.Response:
+        return _text(dump_tasks())
+
+    async def threads(request: web.Request) -> web.Response:
+        return _text(dump_threads())
+
+    async def tracemalloc_endpoint(request: web.Request) -> web.Response:
+        if "stop" in request.query:
+            tracemalloc.stop()
+            return _text("tracemalloc stopped\n")
+        if "start" in request.query:
+            frames = _int_param(request, "frames", DEFAULT_TRACEMALLOC_FRAMES)
+            if tracemalloc.is_tracing():
+                return _text(
+                    f"tracemalloc already tracing ({tracemalloc.get_traceback_limit()} frames)\n"
+                )
+            tracemalloc.start(frames)
+            return _text(
+                f"tracemalloc started ({frames} frames per trace); "
+                "GET /debug/tracemalloc for the top allocation sites\n"
+            )
+        if not tracemalloc.is_tracing():
+            return _text(
+                "tracemalloc is not tracing: GET /debug/tracemalloc?start=1 to start it "
+                "(or run with PYTHONTRACEMALLOC=N)\n"
+            )
+        limit = _int_param(request, "limit", DEFAULT_TRACEMALLOC_LIMIT)
+        key_type = request.query.get("key", "lineno")
+        if key_type not in _KEY_TYPES:
+            raise web.HTTPBadRequest(text=f"key must be one of {', '.join(_KEY_TYPES)}\n")
+        return _text(await asyncio.to_thread(tracemalloc_top, limit, key_type))
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/rlconfig", rlconfig)
+    app.router.add_get("/stats", stats_endpoint)
+    app.router.add_get("/settings", settings_endpoint)
+    app.router.add_get("/debug/tasks", tasks)
+    app.router.add_get("/debug/threads", threads)
+    app.router.add_get("/debug/tracemalloc", tracemalloc_endpoint)
+    return app
+
+
+async def start_debug_server(
+    settings: Settings,
+    config: Callable[[], RateLimitConfig | None],
+    stats: Callable[[], Mapping[str, int]],
+) -> Listener:
+    app = build_debug_app(settings, config, stats)
+    listener = await start_listener(app, settings.debug_host, settings.debug_port)
+    log.warning("Listening for debug on '%s'", listener.address)
+    return listener
