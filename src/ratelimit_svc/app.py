@@ -33,6 +33,7 @@ from .service import RateLimitService, RequestLimits
 from .settings import Settings
 from .sinks import StatsReporter, start_reporter
 from .stats import MemoryStats, breaker_collector, local_cache_collector, redis_pool_collector
+from .xds import XdsConfigClient
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -120,7 +121,7 @@ class App:
         settings = self.settings
         self.store = await backends.open_store(settings, self.clock)
         try:
-            self.reload()
+            await self._load_initial_config()
             limiter = Limiter(
                 store=self._traced_store(self.store),
                 stats=self.stats,
@@ -245,6 +246,27 @@ class App:
                     await self._close_telemetry()  # the final stats flush, buffered spans
 
     # -- config ----------------------------------------------------------------------------------
+
+    async def _load_initial_config(self) -> None:
+        """Files load at once; over xDS, wait for the first accepted snapshot unless
+        FORCE_START_WITHOUT_INITIAL_CONFIG (requests meanwhile get "no configuration loaded")."""
+        settings = self.settings
+        if settings.config_type != "GRPC_XDS_SOTW":
+            self.reload()
+            return
+
+        def on_config(config: RateLimitConfig) -> None:
+            self.config = config  # the client counts and logs each load itself
+
+        client = XdsConfigClient(settings, on_config, stats=self.stats)
+        self._operations.push_async_callback(client.close)
+        await client.start()
+        if not settings.force_start_without_initial_config:
+            log.warning(
+                "waiting for the first rate limit configuration from %s",
+                settings.config_grpc_xds_server_url,
+            )
+            await client.wait_first_config()
 
     def runtime_location(self) -> RuntimeLocation:
         s = self.settings
