@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from cluster_fixtures import (  # noqa: F401
+    redis_cluster,
+    redis_cluster_factory,
+    redis_sentinel,
+    redis_sentinel_factory,
+)
+from memcache_fixtures import memcached_factory, memcached_server  # noqa: F401
 from redis_fixtures import redis_db, redis_server, redis_server_factory, redis_url  # noqa: F401
 
 

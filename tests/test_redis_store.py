@@ -492,18 +492,32 @@ async def test_startup_gives_up_after_max_elapsed(caplog: pytest.LogCaptureFixtu
     assert len(caplog.records) == 4
 
 
-@pytest.mark.parametrize("redis_type", ["sentinel", "cluster"])
-async def test_sentinel_and_cluster_are_not_supported_yet(redis_type: str) -> None:
-    with pytest.raises(BackendError) as caught:
+@pytest.mark.parametrize(
+    ("redis_type", "url", "store_class"),
+    [("sentinel", "mymaster,127.0.0.1:1", "SentinelStore"), ("cluster", "127.0.0.1:1", "ClusterStore")],
+)
+async def test_open_redis_store_picks_the_store_for_redis_type(
+    redis_type: str, url: str, store_class: str
+) -> None:
+    """Sentinel and cluster have their own stores (tests/test_sentinel.py, test_redis_cluster.py);
+    RedisStore itself is only for REDIS_TYPE=single."""
+    sleep = FakeSleep()
+    with pytest.raises(BackendError, match="gave up after"):
         await open_redis_store(
-            tcp("127.0.0.1:1", type=redis_type),
+            tcp(url, type=redis_type),
             op_timeout=1.0,
             startup_initial_interval=1.0,
             startup_max_interval=1.0,
-            startup_max_elapsed=0,
-            sleep=FakeSleep(),
+            startup_max_elapsed=0.001,
+            sleep=sleep,
         )
-    assert str(caught.value) == f"redis type '{redis_type}' is not supported yet"
+    from ratelimit_svc.backends.redis import create_redis_store
+
+    store = create_redis_store(tcp(url, type=redis_type), op_timeout=1.0)
+    assert type(store).__name__ == store_class
+    await store.close()
+    with pytest.raises(BackendError, match=f"RedisStore is for REDIS_TYPE=single, not '{redis_type}'"):
+        RedisStore(tcp(url, type=redis_type), op_timeout=1.0)
 
 
 @pytest.mark.parametrize("url", ["localhost", "localhost:", ":6379", "host:port", "h:70000"])

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, tuple[str, str]] = {
     "memory": ("ratelimit_svc.backends.memory", "open_store"),
     "redis": ("ratelimit_svc.backends.redis", "open_store"),
+    "memcache": ("ratelimit_svc.backends.memcache", "open_store"),
 }
 # Stores that live in the process: they cannot hang or fail, so they get no breaker.
 IN_PROCESS = frozenset({"memory"})

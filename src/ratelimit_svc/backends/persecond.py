@@ -1,0 +1,89 @@
+"""REDIS_PERSECOND=true (SPEC 6.2): SECOND-unit counters live in a second Redis.
+
+``PerSecondStore`` routes each increment by its window: one-second windows go to the per-second
+store (REDIS_PERSECOND_*, any REDIS_TYPE), all others to the main one. A batch that has both is
+split, both parts are sent concurrently, and the results are merged back into the caller's order;
+either side failing fails the call. ``get`` receives bare keys, which do not say their window, so
+it asks both stores and adds the two answers: a key is only ever written to one of them, so the
+other answers 0. (The reference keeps the two apart here too; the only difference would be a
+SECOND counter and a longer one with the very same key, which no config can produce except an
+override from Envoy naming the same entries as a configured rule of another unit.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar, cast
+
+from ..limiter import CounterStore, Increment
+
+PER_SECOND_WINDOW = 1
+
+_A = TypeVar("_A")
+_B = TypeVar("_B")
+
+
+class PerSecondStore:
+    """A ``CounterStore`` that sends one-second counters to ``per_second`` and the rest to
+    ``main``."""
+
+    def __init__(self, main: CounterStore, per_second: CounterStore) -> None:
+        self.main = main
+        self.per_second = per_second
+
+    def __repr__(self) -> str:
+        return f"PerSecondStore(main={self.main!r}, per_second={self.per_second!r})"
+
+    async def increment(self, increments: Sequence[Increment]) -> list[int]:
+        fast = [i for i, inc in enumerate(increments) if inc.window == PER_SECOND_WINDOW]
+        if not fast:
+            return await self.main.increment(increments)
+        if len(fast) == len(increments):
+            return await self.per_second.increment(increments)
+        fast_set = set(fast)
+        slow = [i for i in range(len(increments)) if i not in fast_set]
+        fast_values, slow_values = await _both(
+            self.per_second.increment([increments[i] for i in fast]),
+            self.main.increment([increments[i] for i in slow]),
+        )
+        results = [0] * len(increments)
+        for index, value in zip(fast, fast_values, strict=True):
+            results[index] = value
+        for index, value in zip(slow, slow_values, strict=True):
+            results[index] = value
+        return results
+
+    async def get(self, keys: Sequence[str]) -> list[int]:
+        if not keys:
+            return []
+        main_values, fast_values = await _both(self.main.get(keys), self.per_second.get(keys))
+        return [a + b for a, b in zip(main_values, fast_values, strict=True)]
+
+    async def ping(self) -> None:
+        await _both(self.main.ping(), self.per_second.ping())
+
+    async def close(self) -> None:
+        await _both(self.main.close(), self.per_second.close())
+
+    def pool_stats(self) -> dict[str, int]:
+        """The main Redis's connection counts (``ratelimit.redis_pool``, as the reference)."""
+        return _pool_stats(self.main)
+
+    def per_second_pool_stats(self) -> dict[str, int]:
+        """The per-second Redis's (``ratelimit.redis_per_second_pool`` in the reference)."""
+        return _pool_stats(self.per_second)
+
+
+def _pool_stats(store: CounterStore) -> dict[str, int]:
+    stats: Callable[[], dict[str, int]] | None = getattr(store, "pool_stats", None)
+    return stats() if stats is not None else {}
+
+
+async def _both(first: Awaitable[_A], second: Awaitable[_B]) -> tuple[_A, _B]:
+    """Both results; if either fails, its error once both have finished (nothing left running)."""
+    a, b = await asyncio.gather(first, second, return_exceptions=True)
+    for result in (a, b):
+        if isinstance(result, BaseException):
+            raise result
+    return cast(_A, a), cast(_B, b)
