@@ -1,0 +1,194 @@
+"""A circuit breaker and an in-flight bound around any ``CounterStore`` (SPEC 12, issue 7).
+
+When the backend fails, requests must fail fast instead of piling up. Two guards do that:
+
+- **In-flight bound**: at most ``max_in_flight`` calls wait on the backend at once; one more
+  fails at once with ``BackendError("backend overloaded ...")``, so a hung Redis costs a bounded
+  number of waiting coroutines however fast requests arrive.
+- **Circuit breaker**: ``failure_threshold`` consecutive ``BackendError``s open the circuit; while
+  open every call fails at once with ``BackendError("circuit open ...")`` for ``cooldown`` seconds.
+  The first call after the cool-down is the one probe (half-open; concurrent calls still fail fast);
+  its success closes the circuit, its failure opens it for another cool-down. ``ping`` goes through
+  the breaker too, so the health check's PING every second both reports the open circuit
+  (it raises) and probes a recovered backend even when no requests arrive.
+
+A call cancelled by its caller (a gRPC deadline shorter than REDIS_OP_TIMEOUT, a client that went
+away) proves nothing about the backend and counts neither way, except a cancelled probe, which
+re-opens the circuit: the backend did not answer the probe in time, and probing again at request
+rate would only open a connection per request to a server that is not answering.
+``BackendError("backend overloaded")`` is local load shedding, not a backend failure, and does not
+count either. The clock is monotonic and injected, so tests move time by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from ..errors import BackendError
+from ..limiter import CounterStore, Increment
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"  # the cool-down is over and one probe is on its way
+
+
+class CircuitBreakerStore:
+    """A ``CounterStore`` that guards ``inner`` with an in-flight bound and a circuit breaker.
+
+    ``failure_threshold`` 0 turns the breaker off; ``max_in_flight`` 0 removes the bound.
+    """
+
+    def __init__(
+        self,
+        inner: CounterStore,
+        *,
+        failure_threshold: int = 5,
+        cooldown: float = 2.0,
+        max_in_flight: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inner = inner
+        self.failure_threshold = failure_threshold
+        self.cooldown = cooldown
+        self.max_in_flight = max_in_flight
+        self._clock = clock
+        self._state = BreakerState.CLOSED
+        self._failures = 0  # consecutive
+        self._opened_at = 0.0
+        self._last_error = ""
+        self._in_flight = 0
+        # Totals since start, for stats and tests.
+        self.opened_total = 0
+        self.rejected_total = 0  # failed fast because the circuit was open
+        self.overloaded_total = 0  # failed fast because max_in_flight calls were waiting
+
+    def __repr__(self) -> str:
+        return f"CircuitBreakerStore({self.inner!r}, state={self.state.value})"
+
+    # -- what health and stats read ---------------------------------------------------------------
+
+    @property
+    def state(self) -> BreakerState:
+        """CLOSED, OPEN (failing fast, or cool-down over and no probe sent yet) or HALF_OPEN."""
+        return self._state
+
+    @property
+    def in_flight(self) -> int:
+        """Calls waiting on the backend right now."""
+        return self._in_flight
+
+    def breaker_stats(self) -> dict[str, int]:
+        """Gauges and totals under short names (``open`` is 1 unless the circuit is closed)."""
+        return {
+            "open": int(self._state is not BreakerState.CLOSED),
+            "in_flight": self._in_flight,
+            "opened_total": self.opened_total,
+            "rejected_total": self.rejected_total,
+            "overloaded_total": self.overloaded_total,
+        }
+
+    def pool_stats(self) -> dict[str, int]:
+        """The wrapped store's connection counts (``redis_pool.cx_*``), if it keeps any."""
+        stats: Callable[[], dict[str, int]] | None = getattr(self.inner, "pool_stats", None)
+        return stats() if stats is not None else {}
+
+    # -- the CounterStore contract ---------------------------------------------------------------
+
+    async def increment(self, increments: Sequence[Increment]) -> list[int]:
+        return await self._call(lambda: self.inner.increment(increments), bounded=True)
+
+    async def get(self, keys: Sequence[str]) -> list[int]:
+        return await self._call(lambda: self.inner.get(keys), bounded=True)
+
+    async def ping(self) -> None:
+        # Not bounded by max_in_flight: the health check pings at its own fixed rate, and load
+        # shedding must not make a reachable backend look unhealthy.
+        await self._call(self.inner.ping, bounded=False)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    # -- the machinery ----------------------------------------------------------------------------
+
+    async def _call(self, operation: Callable[[], Awaitable[_T]], *, bounded: bool) -> _T:
+        probe = self._admit()
+        if bounded and 0 < self.max_in_flight <= self._in_flight:
+            if probe:
+                self._state = BreakerState.OPEN  # no probe was sent; the next call may send one
+            self.overloaded_total += 1
+            raise BackendError(
+                f"backend overloaded: {self._in_flight} calls already waiting on it "
+                f"(BACKEND_MAX_IN_FLIGHT={self.max_in_flight})"
+            )
+        self._in_flight += 1
+        try:
+            result = await operation()
+        except BackendError as exc:
+            self._on_failure(str(exc), probe=probe)
+            raise
+        except asyncio.CancelledError:
+            if probe:
+                self._on_failure("the probe was cancelled before the backend answered", probe=True)
+            raise
+        finally:
+            self._in_flight -= 1
+        self._on_success()
+        return result
+
+    def _admit(self) -> bool:
+        """Fail fast unless this call may go to the backend; True if it is the half-open probe."""
+        if self.failure_threshold <= 0 or self._state is BreakerState.CLOSED:
+            return False
+        if self._state is BreakerState.OPEN:
+            remaining = self._opened_at + self.cooldown - self._clock()
+            if remaining <= 0:
+                self._state = BreakerState.HALF_OPEN
+                return True
+            detail = f"retrying in {remaining:.1f}s"
+        else:
+            detail = "a probe is in flight"
+        self.rejected_total += 1
+        raise BackendError(
+            f"circuit open after {self._failures} consecutive backend failures ({detail}); "
+            f"last error: {self._last_error}"
+        )
+
+    def _on_failure(self, message: str, *, probe: bool) -> None:
+        """Count a failure. Only the probe decides a half-open circuit: a call admitted before
+        the circuit opened may still be failing late."""
+        self._last_error = message
+        if self.failure_threshold <= 0:
+            return
+        self._failures += 1
+        if probe or (
+            self._state is BreakerState.CLOSED and self._failures >= self.failure_threshold
+        ):
+            if self._state is BreakerState.CLOSED:
+                log.error(
+                    "circuit open: %d consecutive backend failures, failing fast for %gs; "
+                    "last error: %s",
+                    self._failures,
+                    self.cooldown,
+                    message,
+                )
+                self.opened_total += 1
+            self._state = BreakerState.OPEN
+            self._opened_at = self._clock()
+
+    def _on_success(self) -> None:
+        """Any answer closes the circuit: the backend works (even a call admitted earlier)."""
+        if self._state is not BreakerState.CLOSED:
+            log.warning("circuit closed: the backend answered the probe")
+        self._state = BreakerState.CLOSED
+        self._failures = 0
