@@ -141,6 +141,9 @@ DEFAULTS: dict[str, object] = {
     "tracing_exporter_protocol": "http",
     "tracing_sampling_rate": 1.0,
     "shutdown_drain_seconds": 0.0,
+    "stats_max_keys": 10_000,
+    "xds_client_max_msg_size_in_bytes": 256 * 1024 * 1024,
+    "workers": 0,
 }
 
 REDIS_FIELDS = [f.name for f in dataclasses.fields(RedisSettings)]
@@ -454,7 +457,9 @@ INVALID = [
         "expected a duration like 150us, 10s or 1h30m; unknown unit 'd'",
     ),
     ("REDIS_PERSECOND_PIPELINE_WINDOW", "fast", "expected a duration like 150us, 10s or 1h30m"),
-    ("CONFIG_GRPC_XDS_NODE_METADATA", "zone=eu", "expected k1:v1,k2:v2; pair 1 has no ':'"),
+    ("CONFIG_GRPC_XDS_NODE_METADATA", "zone", "expected k1=v1,k2=v2; pair 1 has no '=' or ':'"),
+    ("EXTRA_TAGS", "zone=eu", "expected k1:v1,k2:v2; pair 1 has no ':'"),
+    ("STATS_MAX_KEYS", "0", "must be >= 1"),
     ("REDIS_PERSECOND_POOL_SIZE", "1.5", "expected an integer"),
     ("REDIS_PERSECOND_TLS", "yes please", "expected a boolean"),
 ]
@@ -717,3 +722,28 @@ def test_tiny_and_fractional_durations_truncate_like_go() -> None:
     assert duration("1.9ns") == 1e-9
     assert duration("1.9999999999s") == 1.999999999
     assert math.isclose(duration("1.000000001s"), 1.000000001)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("zone=eu,rack=r1", {"zone": "eu", "rack": "r1"}),  # the reference's form
+        ("zone:eu", {"zone": "eu"}),
+        ("a:b=c,url=http://x", {"a": "b=c", "url": "http://x"}),  # the first separator splits
+        ("", {}),
+    ],
+)
+def test_xds_node_metadata_takes_the_reference_form(raw: str, expected: dict[str, str]) -> None:
+    settings = Settings.from_env({"CONFIG_GRPC_XDS_NODE_METADATA": raw})
+    assert dict(settings.config_grpc_xds_node_metadata) == expected
+
+
+def test_our_limits_have_defaults_and_parse() -> None:
+    assert (Settings().stats_max_keys, Settings().xds_client_max_msg_size_in_bytes) == (
+        10_000,
+        256 * 1024 * 1024,
+    )
+    settings = Settings.from_env(
+        {"STATS_MAX_KEYS": "50", "XDS_CLIENT_MAX_MSG_SIZE_IN_BYTES": "1048576"}
+    )
+    assert (settings.stats_max_keys, settings.xds_client_max_msg_size_in_bytes) == (50, 1048576)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -87,7 +88,7 @@ class App:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.stats = MemoryStats()
+        self.stats = MemoryStats(max_keys=settings.stats_max_keys)
         self.reporter: StatsReporter | None = None
         self.tracing: Tracing | None = None
         self._span_exporter = span_exporter
@@ -258,7 +259,12 @@ class App:
         def on_config(config: RateLimitConfig) -> None:
             self.config = config  # the client counts and logs each load itself
 
-        client = XdsConfigClient(settings, on_config, stats=self.stats)
+        client = XdsConfigClient(
+            settings,
+            on_config,
+            stats=self.stats,
+            max_message_bytes=settings.xds_client_max_msg_size_in_bytes,
+        )
         self._operations.push_async_callback(client.close)
         await client.start()
         if not settings.force_start_without_initial_config:
@@ -321,6 +327,9 @@ async def serve(settings: Settings, app_factory: Callable[[Settings], App] = App
     try:
         async with app:
             starting = None  # started: from now on the signal drains instead of cancelling
+            # What startup built lives as long as the process: keep the collector from scanning
+            # it again, so a full collection never pauses requests for milliseconds.
+            gc.freeze()
             await app.run()
     except asyncio.CancelledError:
         if not signals_seen:

@@ -149,6 +149,25 @@ def string_map(raw: str) -> Mapping[str, str]:
     return MappingProxyType(pairs)
 
 
+def node_metadata(raw: str) -> Mapping[str, str]:
+    """CONFIG_GRPC_XDS_NODE_METADATA: ``k1=v1,k2=v2`` as the reference writes it, or ``k1:v1``.
+
+    Each pair splits on whichever of ``=`` and ``:`` comes first, so values may contain the other.
+    """
+    pairs: dict[str, str] = {}
+    for number_, pair in enumerate(raw.split(","), start=1):
+        if not pair.strip():
+            continue
+        cut = min((i for i in (pair.find("="), pair.find(":")) if i >= 0), default=-1)
+        if cut < 0:
+            raise ValueError(f"expected k1=v1,k2=v2; pair {number_} has no '=' or ':'")
+        key, value = pair[:cut].strip(), pair[cut + 1 :].strip()
+        if not key:
+            raise ValueError(f"expected k1=v1,k2=v2; pair {number_} has an empty key")
+        pairs[key] = value
+    return MappingProxyType(pairs)
+
+
 def choice(*options: str) -> Callable[[str], str]:
     """One of ``options``, matched case-insensitively and stored in the options' case."""
     by_folded = {option.casefold(): option for option in options}
@@ -272,7 +291,9 @@ class Settings:
     force_start_without_initial_config: Bool = False
 
     config_grpc_xds_node_id: Text = "default"
-    config_grpc_xds_node_metadata: Map = field(default_factory=_empty_map, hash=False)
+    config_grpc_xds_node_metadata: Annotated[Mapping[str, str], node_metadata] = field(
+        default_factory=_empty_map, hash=False
+    )
     config_grpc_xds_server_url: Text = "localhost:18000"
     config_grpc_xds_server_connect_retry_interval: Duration = 3.0
     # Extra headers sent to the xDS server usually carry a token.
@@ -363,6 +384,13 @@ class Settings:
     tracing_sampling_rate: Annotated[float, within(number, 0.0, 1.0)] = 1.0
 
     shutdown_drain_seconds: Annotated[float, within(seconds, 0.0)] = 0.0
+    # Ours: how many rule stats keys the stats LRU holds (high-cardinality values are bounded).
+    stats_max_keys: Annotated[int, within(integer, 1)] = 10_000
+    # The reference's limit on one xDS message.
+    xds_client_max_msg_size_in_bytes: Annotated[int, within(integer, 1)] = 256 * 1024 * 1024
+    # Ours (docs/performance.md): gRPC worker processes sharing GRPC_PORT. 0 = one per CPU with
+    # a shared backend, 1 with BACKEND_TYPE=memory or GRPC_UDS (see workers.worker_count).
+    workers: Count = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -396,6 +424,17 @@ class Settings:
             raise SettingsError(
                 f"MEMCACHE_HOST_PORT and MEMCACHE_SRV are both set "
                 f"({','.join(self.memcache_host_port)!r} and {self.memcache_srv!r}): set only one"
+            )
+        if self.workers > 1 and self.backend_type == "memory":
+            raise SettingsError(
+                f"WORKERS={self.workers} needs a backend shared by the worker processes: "
+                "BACKEND_TYPE=memory counts in each process, which would multiply every limit "
+                "by the number of workers (use WORKERS=1, or BACKEND_TYPE=redis)"
+            )
+        if self.workers > 1 and self.grpc_uds:
+            raise SettingsError(
+                f"WORKERS={self.workers} needs a TCP port the workers can share (SO_REUSEPORT): "
+                f"GRPC_UDS={self.grpc_uds!r} is a unix socket (use WORKERS=1, or GRPC_PORT)"
             )
 
     def __repr__(self) -> str:
