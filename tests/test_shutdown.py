@@ -32,7 +32,7 @@ descriptors:
 CLIENTS = 6
 CALLS_BEFORE_SIGTERM = 300
 SLOW_CLIENT_EXTRA_SECONDS = 0.5
-DRAIN_SECONDS = 1.0
+DRAIN_SECONDS = 3  # long enough to probe /healthcheck mid-drain on a loaded 2-core machine
 
 
 @dataclass
@@ -121,7 +121,7 @@ async def test_sigterm_under_load_fails_no_call(tmp_path: Path) -> None:
     assert load.not_serving_at - sent_at < DRAIN_SECONDS / 2  # unhealthy at once, not after the drain
     assert exit_code == 0, log
     assert exited_after >= DRAIN_SECONDS
-    assert "draining for 1s" in log
+    assert f"draining for {DRAIN_SECONDS}s" in log
 
 
 async def test_sigterm_while_waiting_for_the_backend_exits_cleanly(tmp_path: Path) -> None:
