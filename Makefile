@@ -40,3 +40,30 @@ proto: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Envoy + the service + Redis + an echo upstream, no Docker (scripts/demo.py, docs/demo.md):
+# a burst per route, a table of allowed vs limited, then running until Ctrl-C.
+# `make demo DEMO_ARGS=--detach` returns once the table is printed; `make demo-down` stops it.
+.PHONY: demo demo-down
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
+
+demo-down: $(STAMP)
+	$(BIN)/python scripts/demo.py down
+
+# Load with key churn, config reloads and a Redis restart for SOAK_SECONDS (default 600); reports
+# errors, p99 and RSS over time and fails if RSS grows 10% after the warm-up (scripts/soak.py).
+.PHONY: soak
+soak: $(STAMP)
+	$(BIN)/python scripts/soak.py
+
+# ShouldRateLimit under h2load against a bare grpc.aio server (scripts/bench.py,
+# docs/performance.md): a table and .bench/results.json. BENCH_QUICK=1 for a short run,
+# BENCH_STRICT=1 to fail when a target is missed. Installs h2load and Redis if missing (as root).
+.PHONY: bench
+bench: $(STAMP)
+	@command -v h2load >/dev/null && command -v redis-server >/dev/null \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+		nghttp2-client redis-server >/dev/null; } || true
+	$(BIN)/python scripts/bench.py

@@ -9,6 +9,8 @@ name its line. The result is frozen: a reload builds a new one and swaps a singl
 
 from __future__ import annotations
 
+import datetime
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +43,11 @@ _BOOL = "tag:yaml.org,2002:bool"
 _NULL = "tag:yaml.org,2002:null"
 _LEAF_TAGS = frozenset({_STR, _INT, _BOOL, _NULL})
 _UINT32_MAX = 2**32 - 1
+# Refused before any recursive walk: deeper nesting (or a recursive alias) would exhaust the stack,
+# and an alias bomb ("billion laughs") the CPU. go-yaml, which the reference uses, also refuses
+# excessive aliasing. Real configs are a few levels deep and alias little.
+MAX_DEPTH = 100
+_ALIAS_VISITS_ALLOWED = 100_000  # plus 10 per distinct node
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +63,16 @@ def load_config(files: Sequence[ConfigFile], *, merge_domains: bool = False) -> 
     domains: dict[str, Node] = {}
     for config_file in files:
         for document in _documents(config_file):
-            _Loader(config_file.name, document, domains, merge_domains).load()
+            loader = _Loader(config_file.name, document, domains, merge_domains)
+            try:
+                loader.load()
+            except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+                # A safety net: a defect no check above names must still be a ConfigError, so
+                # that a reload keeps the old config instead of failing with a traceback.
+                raise ConfigError(
+                    f"{config_file.name}: error loading config file: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
     return RateLimitConfig(domains=domains)
 
 
@@ -69,9 +85,64 @@ def _documents(config_file: ConfigFile) -> list[yaml.Node | None]:
         raise ConfigError(
             f"{config_file.name}: error loading config file: {_parser_message(exc)}"
         ) from None
+    except RecursionError:  # PyYAML's composer recurses once per level
+        raise ConfigError(
+            f"{config_file.name}: error loading config file: nested more than {MAX_DEPTH} deep"
+        ) from None
+    except (ValueError, OverflowError) as exc:  # the scanner's chr() on "\U00110000"
+        raise ConfigError(
+            f"{config_file.name}: error loading config file: invalid escape in a string: {exc}"
+        ) from None
+    for document in documents:
+        _check_shape(config_file.name, document)
     present = [d for d in documents if not _is_null(d)]
     # An empty file is one empty document (and so fails "cannot have empty domain"), as in Go.
     return present or [None]
+
+
+def _check_shape(name: str, document: yaml.Node | None) -> None:
+    """Refuse nesting deeper than MAX_DEPTH (a recursive alias is infinitely deep) and excessive
+    aliasing, walking with an explicit stack so that the check itself cannot overflow."""
+    stack: list[tuple[yaml.Node, int]] = [(document, 1)] if document is not None else []
+    seen: set[int] = set()
+    alias_visits = 0
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(
+                f"{name}: error loading config file: nested more than {MAX_DEPTH} deep "
+                f"(or a recursive alias){_where(node, '')}"
+            )
+        if id(node) in seen:
+            alias_visits += 1
+            if alias_visits > _ALIAS_VISITS_ALLOWED + 10 * len(seen):
+                raise ConfigError(
+                    f"{name}: error loading config file: document contains excessive aliasing"
+                )
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.append((key, depth + 1))
+                stack.append((value, depth + 1))
+
+
+def _json_like(value: Any, path: str) -> Any:
+    """Metadata as dynamic metadata (a protobuf Struct) can hold it: keys become text and dates
+    their ISO text; anything else a Struct cannot hold raises ValueError naming where it is."""
+    if isinstance(value, dict):
+        return {str(k): _json_like(v, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_like(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int | float) and math.isfinite(value) and abs(value) < 2**1000:
+        return value
+    if isinstance(value, datetime.date):  # also datetime
+        return value.isoformat()
+    kind = "number" if isinstance(value, int | float) else type(value).__name__
+    raise ValueError(f"{path}: a {kind} value ({value!r:.40}) cannot be dynamic metadata")
 
 
 def _is_null(node: yaml.Node | None) -> bool:
@@ -178,13 +249,19 @@ class _Loader:
             return False
         if not (isinstance(node, yaml.ScalarNode) and node.tag == _BOOL):
             raise self.type_error(node, path, "bool")
-        return bool(yaml.SafeLoader("").construct_yaml_bool(node))
+        try:
+            return bool(yaml.SafeLoader("").construct_yaml_bool(node))
+        except KeyError:  # an explicit !!bool tag on something else: `!!bool maybe`
+            raise self.type_error(node, path, "bool") from None
 
     def uint32(self, node: yaml.Node | None, path: str) -> int:
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
             return 0
         if isinstance(node, yaml.ScalarNode) and node.tag == _INT:
-            number = int(yaml.SafeLoader("").construct_yaml_int(node))
+            try:
+                number = int(yaml.SafeLoader("").construct_yaml_int(node))
+            except ValueError:  # an explicit !!int tag on something else: `!!int 0x`
+                raise self.type_error(node, path, "uint32") from None
             if 0 <= number <= _UINT32_MAX:
                 return number
         raise self.type_error(node, path, "uint32")
@@ -214,7 +291,15 @@ class _Loader:
             raise self.error(
                 f"error loading config file: {_one_line(str(exc))}", node, path
             ) from None
-        return {str(k): v for k, v in value.items()}
+        except (ValueError, KeyError, OverflowError) as exc:  # `2001-02-30`, `!!float x`
+            raise self.error(
+                f"error loading config file: cannot construct a value: {exc}", node, path
+            ) from None
+        try:
+            plain: dict[str, Any] = _json_like(value, path)
+        except ValueError as exc:
+            raise self.error(f"error loading config file: {exc}", node, path) from None
+        return plain
 
     # -- steps 4-6 -------------------------------------------------------------------------------
 

@@ -123,20 +123,40 @@ class LimiterOptions:
     dynamic_metadata: bool = False
 
 
-@dataclass(slots=True)
 class _Counted:
-    """A descriptor whose rule is counted in this request."""
+    """A descriptor whose rule is counted in this request (a plain slots class: one is built per
+    counted descriptor of every request)."""
 
-    index: int
-    match: Match
-    hits: int
-    key: str
-    window: int
-    reset: int
-    cached: bool = False
-    after: int = 0
-    increment: bool = True
-    quota: bool = False
+    __slots__ = (
+        "after", "cached", "hits", "index", "key", "quota", "reset", "rule", "stats_key", "window"
+    )
+
+    def __init__(
+        self,
+        index: int,
+        rule: Rule,
+        stats_key: str,
+        hits: int,
+        key: str,
+        window: int,
+        reset: int,
+        quota: bool,
+    ) -> None:
+        self.index = index
+        self.rule = rule
+        self.stats_key = stats_key
+        self.hits = hits
+        self.key = key
+        self.window = window
+        self.reset = reset
+        self.quota = quota
+        self.cached = False
+        self.after = 0
+
+
+_OK = Status(Code.OK)
+_UNLIMITED = Status(Code.OK, remaining=MAX_UINT32)
+_NEAR_CACHE_MAX = 4096  # distinct limits remembered (overrides from requests can be any value)
 
 
 @dataclass
@@ -149,6 +169,8 @@ class Limiter:
     clock: Callable[[], float] = time.time
     jitter: Callable[[int], int] = field(default=lambda n: random.randrange(n))
     local_cache: LocalCache | None = None
+    # limit -> near-limit threshold for options.near_limit_ratio (a float32 product: worth keeping)
+    _near: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.local_cache is None and self.options.local_cache_size_in_bytes > 0:
@@ -157,9 +179,10 @@ class Limiter:
     async def should_rate_limit(
         self, config: RateLimitConfig | None, request: Request
     ) -> Decision:
-        if not request.domain:
+        domain, descriptors = request.domain, request.descriptors
+        if not domain:
             raise RequestError("rate limit domain must not be empty")
-        if not request.descriptors:
+        if not descriptors:
             raise RequestError("rate limit descriptor list must not be empty")
         if config is None:
             raise NoConfigError()
@@ -167,52 +190,51 @@ class Limiter:
         options = self.options
         now = int(self.clock())
         matches = self._match_all(config, request)
-        statuses: list[Status] = [Status(Code.OK)] * len(request.descriptors)
+        statuses: list[Status] = [_OK] * len(descriptors)
         counted: list[_Counted] = []
+        prefix = options.cache_key_prefix
+        default_hits = max(1, request.hits_addend)
         for index, found in enumerate(matches):
             if found is None:
                 continue
             rule = found.rule
             if rule.unlimited:
-                statuses[index] = Status(Code.OK, remaining=MAX_UINT32)
+                statuses[index] = _UNLIMITED
                 continue
-            descriptor = request.descriptors[index]
-            hits = (
-                descriptor.hits_addend
-                if descriptor.hits_addend is not None
-                else max(1, request.hits_addend)
-            )
+            hits = descriptors[index].hits_addend
             window = rule.unit.seconds
             into = now % window
             counted.append(
                 _Counted(
-                    index=index,
-                    match=found,
-                    hits=hits,
-                    key=f"{options.cache_key_prefix}{found.key_body}{now - into}",
-                    window=window,
-                    reset=window - into,
-                    quota=rule.quota_mode or options.quota_mode,
+                    index,
+                    rule,
+                    found.stats_key,
+                    default_hits if hits is None else hits,
+                    f"{prefix}{found.key_body}{now - into}",
+                    window,
+                    window - into,
+                    rule.quota_mode or options.quota_mode,
                 )
             )
 
         if counted:
             await self._count(counted, now)
 
+        add_rule = self.stats.add_rule
+        cache = self.local_cache
         for item in counted:
-            rule = item.match.rule
-            near = near_threshold(rule.requests_per_unit, options.near_limit_ratio)
+            rule = item.rule
+            limit = rule.requests_per_unit
             code, remaining, counts = decide(
-                rule.requests_per_unit,
+                limit,
                 item.hits,
                 item.after,
-                near,
+                self._near_threshold(limit),
                 shadow=rule.shadow_mode,
                 cached=item.cached,
             )
-            self.stats.add_rule(item.match.stats_key, counts)
-            cache = self.local_cache
-            if cache is not None and not item.cached and item.after > rule.requests_per_unit:
+            add_rule(item.stats_key, counts)
+            if cache is not None and not item.cached and item.after > limit:
                 cache.add(item.key, now + item.reset)  # shadow-mode rules are cached too
             statuses[item.index] = Status(code, rule, remaining, item.reset)
 
@@ -226,27 +248,38 @@ class Limiter:
         )
         return Decision(overall, tuple(statuses), headers, metadata)
 
+    def _near_threshold(self, limit: int) -> int:
+        near = self._near.get(limit)
+        if near is None:
+            if len(self._near) >= _NEAR_CACHE_MAX:
+                self._near.clear()
+            near = self._near[limit] = near_threshold(limit, self.options.near_limit_ratio)
+        return near
+
     def _match_all(self, config: RateLimitConfig, request: Request) -> list[Match | None]:
+        domain = request.domain
+        if domain not in config.domains:
+            name = f"ratelimit.service.rate_limit.{domain}.domain_not_found"
+            for _ in request.descriptors:
+                self.stats.add(name)
+            return [None] * len(request.descriptors)
         matches: list[Match | None] = []
-        domain_known = request.domain in config.domains
+        replaced = False
         for descriptor in request.descriptors:
-            if not domain_known:
-                self.stats.add(
-                    f"ratelimit.service.rate_limit.{request.domain}.domain_not_found"
-                )
-                matches.append(None)
-                continue
             override = descriptor.override
             if override is not None and override.unit is Unit.UNKNOWN:
                 raise RequestError(
                     "rate limit override has an unknown unit "
                     f"(descriptor {len(matches)}: {list(descriptor.entries)})"
                 )
-            matches.append(match(config, request.domain, descriptor.entries, override))
-        replaced = {name for m in matches if m is not None for name in m.rule.replaces}
+            found = match(config, domain, descriptor.entries, override)
+            if found is not None and found.rule.replaces:
+                replaced = True
+            matches.append(found)
         if replaced:
+            names = {name for m in matches if m is not None for name in m.rule.replaces}
             matches = [
-                None if m is not None and m.rule.name and m.rule.name in replaced else m
+                None if m is not None and m.rule.name and m.rule.name in names else m
                 for m in matches
             ]
         return matches
@@ -254,30 +287,29 @@ class Limiter:
     async def _count(self, counted: list[_Counted], now: int) -> None:
         """Fill ``after`` (and ``cached``) for every counted descriptor."""
         cache = self.local_cache
+        pending = counted
         if cache is not None:
             for item in counted:
                 item.cached = cache.contains(item.key, now)
-        pending = [item for item in counted if not item.cached]
-        if not pending:
-            return
+            pending = [item for item in counted if not item.cached]
+            if not pending:
+                return
         if self.options.stop_cache_key_increment_when_overlimit:
             current = await self.store.get([item.key for item in pending])
             for item, value in zip(pending, current, strict=True):
                 item.after = value + item.hits
             if len(pending) < len(counted):
                 return  # some key is over via the local cache: increment nothing
-            over = [i for i in pending if i.after > i.match.rule.requests_per_unit]
+            over = [i for i in pending if i.after > i.rule.requests_per_unit]
             pending = over or pending
         jitter_max = self.options.expiration_jitter_max_seconds
-        increments = [
-            Increment(
-                item.key,
-                item.hits,
-                item.window,
-                item.window + (self.jitter(jitter_max) if jitter_max > 0 else 0),
-            )
-            for item in pending
-        ]
+        if jitter_max > 0:
+            jitter = self.jitter
+            increments = [
+                Increment(i.key, i.hits, i.window, i.window + jitter(jitter_max)) for i in pending
+            ]
+        else:
+            increments = [Increment(i.key, i.hits, i.window, i.window) for i in pending]
         values = await self.store.increment(increments)
         for item, value in zip(pending, values, strict=True):
             item.after = value

@@ -57,33 +57,35 @@ def match(
         rule = Rule(override.requests_per_unit, override.unit, stats_key=key)
         return Match(rule, _key_body(domain, entries), key)
 
+    # The hot path of every request: one ``k_v`` string per level, built once and reused for the
+    # exact lookup, the wildcard test, the counter key and the runtime stats key.
     node = root
-    counter_entries: list[Entry] = []
+    counter_parts: list[str] = []  # "k_v" per level (share_threshold: "k_<pattern>")
     metric_parts: list[str] = []
     value_to_metric_used = False
     found: Node | None = None
     last = len(entries) - 1
     for index, (key, value) in enumerate(entries):
-        child = node.children.get(f"{key}_{value}")
-        via = "exact"
+        composite = f"{key}_{value}"
+        child = node.children.get(composite)
+        exact = child is not None
         if child is None:
-            composite = f"{key}_{value}"
             for pattern, candidate in node.wildcards:
                 if pattern.fullmatch(composite):
-                    child, via = candidate, "wildcard"
+                    child = candidate
                     break
-        if child is None:
-            child, via = node.children.get(key), "plain"
-        if child is None:
-            return None
+            else:
+                child = node.children.get(key)
+                if child is None:
+                    return None
 
-        runtime_part = f"{key}_{value}" if value else key
+        runtime_part = composite if value else key
         if child.share_threshold:
-            counter_entries.append((key, child.value))
+            counter_parts.append(f"{key}_{child.value}")
             metric_parts.append(child.composite)
         else:
-            counter_entries.append((key, value))
-            if via == "exact":
+            counter_parts.append(composite)
+            if exact:
                 metric_parts.append(runtime_part)
             elif child.value_to_metric:
                 metric_parts.append(runtime_part)
@@ -107,4 +109,4 @@ def match(
         stats_key = domain + "." + ".".join(metric_parts)
     else:
         stats_key = rule.stats_key
-    return Match(rule, _key_body(domain, counter_entries), stats_key)
+    return Match(rule, f"{domain}_{'_'.join(counter_parts)}_", stats_key)

@@ -19,12 +19,12 @@ import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
-from .rules import RateLimitConfig, Unit
 from .errors import BackendError, NoConfigError, RequestError
 from .limiter import Code, Decision, Limiter, Request, RequestDescriptor
 from .matching import Override
 from .pb.envoy.config.core.v3 import base_pb2
 from .pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from .rules import RateLimitConfig, Unit
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ _Response = rls_pb2.RateLimitResponse
 # Our enums carry the protocol's numbers; these tables give them the generated stubs' types.
 _PB_CODE = {c: cast(_Response.Code, int(c)) for c in Code}
 _PB_UNIT = {u: cast(_Response.RateLimit.Unit, int(u)) for u in Unit}
+
+_perf_counter = time.perf_counter
 
 STAT_SERVICE_ERROR = "ratelimit.service.call.should_rate_limit.service_error"
 STAT_BACKEND_ERROR = "ratelimit.service.call.should_rate_limit.redis_error"
@@ -53,9 +55,8 @@ def request_from_proto(message: rls_pb2.RateLimitRequest) -> Request:
         if d.HasField("limit"):
             override = Override(d.limit.requests_per_unit, _UNITS.get(d.limit.unit, Unit.UNKNOWN))
         hits = d.hits_addend.value if d.HasField("hits_addend") else None
-        descriptors.append(
-            RequestDescriptor(tuple((e.key, e.value) for e in d.entries), override, hits)
-        )
+        entries = tuple([(e.key, e.value) for e in d.entries])  # a list first: no generator
+        descriptors.append(RequestDescriptor(entries, override, hits))
     return Request(message.domain, tuple(descriptors), message.hits_addend)
 
 
@@ -79,7 +80,8 @@ def check_request_limits(request: Request, limits: RequestLimits) -> None:
         raise RequestError(
             f"too many descriptors: {count} (MAX_DESCRIPTORS_PER_REQUEST={limits.max_descriptors})"
         )
-    _check_text("domain", request.domain, limits.max_value_bytes)
+    max_bytes = limits.max_value_bytes
+    _check_text("domain", request.domain, max_bytes)
     for index, descriptor in enumerate(request.descriptors):
         entries = len(descriptor.entries)
         if limits.max_entries and entries > limits.max_entries:
@@ -88,9 +90,14 @@ def check_request_limits(request: Request, limits: RequestLimits) -> None:
                 f"(MAX_ENTRIES_PER_DESCRIPTOR={limits.max_entries})"
             )
         for position, (key, value) in enumerate(descriptor.entries):
+            # Hot path: ASCII text is valid UTF-8 and as many bytes long as it has characters.
+            if key.isascii() and value.isascii() and (
+                not max_bytes or (len(key) <= max_bytes and len(value) <= max_bytes)
+            ):
+                continue
             where = f"descriptor {index} entry {position}"
-            _check_text(f"{where} key", key, limits.max_value_bytes)
-            _check_text(f"{where} value", value, limits.max_value_bytes)
+            _check_text(f"{where} key", key, max_bytes)
+            _check_text(f"{where} value", value, max_bytes)
         if descriptor.hits_addend is not None and descriptor.hits_addend > MAX_HITS_ADDEND:
             raise RequestError(
                 f"descriptor {index} hits_addend {descriptor.hits_addend} is above "
@@ -145,10 +152,11 @@ def response_to_proto(decision: Decision) -> rls_pb2.RateLimitResponse:
         out = response.statuses.add(code=_PB_CODE[status.code], limit_remaining=status.remaining)
         rule = status.rule
         if rule is not None:
-            out.current_limit.requests_per_unit = rule.requests_per_unit
-            out.current_limit.unit = _PB_UNIT[rule.unit]
+            current_limit = out.current_limit  # each attribute access builds a wrapper: once
+            current_limit.requests_per_unit = rule.requests_per_unit
+            current_limit.unit = _PB_UNIT[rule.unit]
             if rule.name:
-                out.current_limit.name = rule.name
+                current_limit.name = rule.name
             out.duration_until_reset.seconds = status.reset_seconds
     for key, value in decision.headers:
         response.response_headers_to_add.append(base_pb2.HeaderValue(key=key, value=value))
@@ -181,6 +189,8 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self.stats.add(STAT_TOTAL_REQUESTS)
         try:
             check_request_limits(request, self.limits)
+            if deadline is None:  # no timer to arm (HTTP /json, gRPC callers without a deadline)
+                return await self.limiter.should_rate_limit(self.config(), request)
             async with asyncio.timeout(deadline):
                 return await self.limiter.should_rate_limit(self.config(), request)
         except (RequestError, NoConfigError):
@@ -205,17 +215,25 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
                 grpc.StatusCode.INVALID_ARGUMENT, f"malformed RateLimitRequest: {request.error}"
             )
             raise AssertionError("context.abort raises")  # for the type checker
-        started = time.perf_counter()
-        remaining = context.time_remaining()
+        started = _perf_counter()
         try:
-            decision = await self.should_rate_limit(request_from_proto(request), remaining)
+            # The caller's deadline needs no timer here: grpc cancels this task when it passes
+            # (Envoy sends one with every request, so a timer each would cost; see below).
+            decision = await self.should_rate_limit(request_from_proto(request))
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (BackendError, NoConfigError) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                # The deadline passed while the backend was being waited for: count it as the
+                # backend timeout it is (a caller that merely went away is not an error).
+                self.stats.add(STAT_BACKEND_ERROR)
+            raise
         except Exception:
             log.exception("unexpected error in ShouldRateLimit")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
-            self.stats.observe_ms(STAT_RESPONSE_TIME, (time.perf_counter() - started) * 1000.0)
+            self.stats.observe_ms(STAT_RESPONSE_TIME, (_perf_counter() - started) * 1000.0)
         return response_to_proto(decision)

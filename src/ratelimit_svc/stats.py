@@ -72,6 +72,10 @@ class MemoryStats:
     # -- writing ---------------------------------------------------------------------------------
 
     def add(self, name: str, value: int = 1) -> None:
+        counter = self._counters.get(name)  # hot path: a name seen before (so sanitized already)
+        if counter is not None and not name.startswith(PER_KEY_PREFIX):
+            counter.total += value
+            return
         name = sanitize(name)
         if name.startswith(PER_KEY_PREFIX):
             key, _, stat = name[len(PER_KEY_PREFIX) :].rpartition(".")
@@ -85,7 +89,11 @@ class MemoryStats:
 
     def add_rule(self, stats_key: str, counts: RuleCounts) -> None:
         """Add one decision's deltas to the six stats of ``stats_key``."""
-        counters = self._key_counters(sanitize(stats_key))
+        counters = self._keys.get(stats_key)  # hot path: a key held (so sanitized already)
+        if counters is None:
+            counters = self._key_counters(sanitize(stats_key))
+        else:
+            self._keys.move_to_end(stats_key)
         for stat in RULE_STATS:
             counter = counters.get(stat)
             if counter is None:
@@ -104,10 +112,12 @@ class MemoryStats:
         self._gauges[sanitize(name)] = value
 
     def observe_ms(self, name: str, milliseconds: float) -> None:
-        name = sanitize(name)
-        timer = self.timers.get(name)
+        timer = self.timers.get(name)  # hot path: a name seen before (so sanitized already)
         if timer is None:
-            timer = self.timers[name] = [0, 0.0]
+            name = sanitize(name)
+            timer = self.timers.get(name)
+            if timer is None:
+                timer = self.timers[name] = [0, 0.0]
         timer[0] += 1
         timer[1] += milliseconds
         if self.sink is not None:

@@ -137,9 +137,12 @@ class CircuitBreakerStore:
         except BackendError as exc:
             self._on_failure(str(exc), probe=probe)
             raise
-        except asyncio.CancelledError:
+        except BaseException as exc:
+            # Cancelled (or a bug): no answer. Unless this was the probe it proves nothing, but
+            # a probe must never leave the circuit half-open for good.
             if probe:
-                self._on_failure("the probe was cancelled before the backend answered", probe=True)
+                reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else repr(exc)
+                self._on_failure(f"the probe ended without an answer ({reason})", probe=True)
             raise
         finally:
             self._in_flight -= 1

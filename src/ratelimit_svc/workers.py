@@ -1,0 +1,525 @@
+"""Worker processes (WORKERS): several gRPC servers sharing GRPC_PORT, one set of everything else.
+
+One Python process answers ShouldRateLimit on about one core (grpc's own work and ours hold the
+GIL), so with a shared backend the service runs WORKERS processes, each a whole gRPC server with
+its own event loop, backend pool and local cache, all listening on GRPC_PORT with SO_REUSEPORT:
+the kernel spreads connections over them, and GRPC_MAX_CONNECTION_AGE makes Envoy's long-lived
+connections move now and then. The process that was started is the *primary*: it serves gRPC
+too, and it alone serves HTTP, the debug port and the stats sink and loads the configuration.
+The others are forked from a fork server started before any gRPC object exists (grpc does not
+survive a fork once running), so a worker that dies is replaced the same way.
+
+Each worker is linked to the primary by a socket pair carrying pickled messages: the primary sends
+every configuration it swaps in (so all processes answer from the same snapshot, and a config is
+loaded and counted once), a worker sends its stats every ``REPORT_INTERVAL`` seconds and when it
+stops (counter deltas, gauges, timer samples) and the primary adds them to its own
+(``AggregateStats``), so every stat is the service's total. SIGTERM to the primary drains it and
+tells every worker to drain; each exits 0. A worker whose primary goes away drains and exits.
+
+WORKERS=0 (the default) means one worker per usable CPU with a shared backend, and 1 with
+BACKEND_TYPE=memory (its counters live in one process) or GRPC_UDS (a unix socket cannot be
+shared this way); Settings refuses more than one worker with either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import pickle
+import socket
+import struct
+import sys
+from collections.abc import Coroutine, Mapping
+from dataclasses import replace
+from types import TracebackType
+from typing import Any
+
+from .app import App, serve
+from .errors import SettingsError
+from .logsetup import configure_logging
+from .rules import RateLimitConfig
+from .settings import Settings
+from .stats import MemoryStats, sanitize
+
+log = logging.getLogger(__name__)
+
+REPORT_INTERVAL = 1.0  # seconds between a worker's stats reports to the primary
+RESTART_DELAY = 1.0  # before replacing a worker that died
+STOP_MARGIN = 10.0  # beyond drain and grace, how long the primary waits for workers to exit
+_FRAME = struct.Struct("!I")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; the whole machine elsewhere)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_count(settings: Settings) -> int:
+    """WORKERS, with 0 resolved: one per usable CPU when the backend is shared and the port is
+    TCP, else 1 (Settings has already refused an explicit count that cannot work)."""
+    if settings.workers:
+        return settings.workers
+    if settings.backend_type == "memory" or settings.grpc_uds:
+        return 1
+    return usable_cpus()
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when it is installed (measurably less CPU per request,
+    docs/performance.md), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
+def run(settings: Settings, env: Mapping[str, str]) -> None:
+    """The service: one process, or a primary and its workers (``env`` rebuilds the settings in
+    each worker, the environment being the one place settings come from)."""
+    count = worker_count(settings)
+    if count == 1:
+        run_loop(serve(settings))
+        return
+    reservation = reserve_port(settings.grpc_host, settings.grpc_port)
+    try:
+        settings = replace(settings, workers=count, grpc_port=reservation.getsockname()[1])
+        pool = WorkerPool(settings, dict(env), count - 1)
+        pool.start()  # before this process has any gRPC object (or even an event loop)
+        run_loop(serve(settings, app_factory=lambda s: PrimaryApp(s, pool)))
+    finally:
+        reservation.close()
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` with SO_REUSEPORT, held while the service runs: it fixes
+    GRPC_PORT=0 to one port for every worker and keeps it ours while a worker restarts. It
+    never listens, so it is given no connections. A port that anything else holds is refused
+    (even another SO_REUSEPORT service of this user, which could otherwise share it silently)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise SettingsError(
+                f"cannot listen for gRPC on GRPC_HOST:GRPC_PORT {host}:{port}: {exc.strerror}"
+            ) from None
+        address = probe.getsockname()
+    reservation = socket.socket(family, kind, proto)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reservation.bind(address)
+    return reservation
+
+
+# -- the link between the primary and a worker ----------------------------------------------------
+
+
+class Link:
+    """Pickled messages over one end of a socket pair (each framed by its length)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def open(cls, sock: socket.socket) -> Link:
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        return cls(reader, writer)
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        """Queue ``message``; never blocks (the transport buffers)."""
+        if self._writer.is_closing():
+            return
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self._writer.write(_FRAME.pack(len(data)) + data)
+
+    async def receive(self) -> tuple[Any, ...] | None:
+        """The next message, or None once the other end has closed."""
+        try:
+            (size,) = _FRAME.unpack(await self._reader.readexactly(_FRAME.size))
+            message: tuple[Any, ...] = pickle.loads(await self._reader.readexactly(size))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        return message
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self._writer.wait_closed()
+
+
+# -- stats: what a worker reports, and their sum in the primary -----------------------------------
+
+
+class Report:
+    """A ``StatsSink`` that keeps what one ``MemoryStats.flush`` hands it, to send as a message."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = {}
+        self.gauges: dict[str, int] = {}
+        self.timers: dict[str, list[float]] = {}
+
+    def flush_counter(self, name: str, value: int) -> None:
+        self.counters[name] = self.counters.get(name, 0) + value
+
+    def flush_gauge(self, name: str, value: int) -> None:
+        self.gauges[name] = value
+
+    def flush_timer(self, name: str, milliseconds: float) -> None:
+        samples = self.timers.get(name)
+        if samples is None:
+            samples = self.timers[name] = []
+        samples.append(milliseconds)
+
+    def take(self) -> tuple[str, dict[str, int], dict[str, int], dict[str, list[float]]]:
+        message = ("stats", self.counters, self.gauges, self.timers)
+        self.counters, self.gauges, self.timers = {}, {}, {}
+        return message
+
+
+class AggregateStats(MemoryStats):
+    """The primary's stats: its own plus every worker's. Counter deltas and timer samples are
+    added as they come; a gauge is the sum of the primary's value and each live worker's last
+    one (connections open, local cache entries), so every stat is the service's total."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._own_gauges: dict[str, int] = {}
+        self._worker_gauges: dict[int, dict[str, int]] = {}
+        self._worker_counter_totals: dict[str, int] = {}
+
+    def set_gauge(self, name: str, value: int) -> None:
+        name = sanitize(name)
+        self._own_gauges[name] = value
+        super().set_gauge(name, value + self._worker_gauge_sum(name))
+
+    def set_counter(self, name: str, total: int) -> None:
+        # A running total kept by one of the primary's own objects: the workers' share on top.
+        name = sanitize(name)
+        super().set_counter(name, total + self._worker_counter_totals.get(name, 0))
+
+    def merge(
+        self,
+        worker: int,
+        counters: Mapping[str, int],
+        gauges: Mapping[str, int],
+        timers: Mapping[str, list[float]],
+    ) -> None:
+        """Add one worker report."""
+        for name, delta in counters.items():
+            self._worker_counter_totals[name] = self._worker_counter_totals.get(name, 0) + delta
+            self.add(name, delta)
+        mine = self._worker_gauges.setdefault(worker, {})
+        mine.update(gauges)
+        for name in gauges:
+            super().set_gauge(name, self._own_gauges.get(name, 0) + self._worker_gauge_sum(name))
+        for name, samples in timers.items():
+            for milliseconds in samples:
+                self.observe_ms(name, milliseconds)
+
+    def forget(self, worker: int) -> None:
+        """A worker has exited: its gauges no longer count (its counters do)."""
+        for name in self._worker_gauges.pop(worker, {}):
+            super().set_gauge(name, self._own_gauges.get(name, 0) + self._worker_gauge_sum(name))
+
+    def _worker_gauge_sum(self, name: str) -> int:
+        return sum(g.get(name, 0) for g in self._worker_gauges.values())
+
+
+# -- the primary ----------------------------------------------------------------------------------
+
+
+class WorkerPool:
+    """The primary's workers: started from a fork server, linked, replaced when they die."""
+
+    def __init__(self, settings: Settings, env: dict[str, str], count: int) -> None:
+        self.settings = settings
+        self.env = env
+        self.count = count
+        self._context = multiprocessing.get_context("forkserver")
+        # Imported once in the fork server, so a worker starts from a warm copy.
+        self._context.set_forkserver_preload([__name__])
+        self._processes: dict[int, Any] = {}  # worker index -> multiprocessing.Process
+        self._sockets: dict[int, socket.socket] = {}  # the primary's end, until linked
+        self._links: dict[int, Link] = {}
+        self._ready: set[int] = set()
+        self._app: PrimaryApp | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._all_exited = asyncio.Event()
+
+    def start(self) -> None:
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        ours, theirs = socket.socketpair()
+        process = self._context.Process(
+            target=worker_main,
+            args=(self.env, self.settings.workers, self.settings.grpc_port, index, theirs),
+            name=f"ratelimit-worker-{index}",
+            daemon=True,  # should this process end without stopping it, it is terminated
+        )
+        process.start()
+        theirs.close()
+        self._processes[index] = process
+        self._sockets[index] = ours
+        log.info("started gRPC worker %d (pid %d)", index, process.pid)
+        if self._app is not None:
+            self._watch(index)
+
+    # -- running inside the primary's event loop --
+
+    def attach(self, app: PrimaryApp) -> None:
+        """Start talking to the workers: each gets the current config, then every new one."""
+        self._app = app
+        app.config_listeners.append(self.publish_config)
+        for index in list(self._processes):
+            self._watch(index)
+
+    def _watch(self, index: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve_link(index), name=f"link-{index}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_link(self, index: int) -> None:
+        assert self._app is not None
+        app = self._app
+        link = await Link.open(self._sockets.pop(index))
+        self._links[index] = link
+        link.send(("config", app.config))
+        try:
+            while (message := await link.receive()) is not None:
+                if message[0] == "stats":
+                    app.aggregate.merge(index, *message[1:])
+                elif message[0] == "ready":
+                    self._on_ready(index, message[1])
+        finally:
+            self._links.pop(index, None)
+            await link.close()
+            app.aggregate.forget(index)
+            self._ready.discard(index)
+        await self._reap(index)
+
+    def _on_ready(self, index: int, pid: int) -> None:
+        self._ready.add(index)
+        log.info("gRPC worker %d (pid %d) is serving", index, pid)
+        if len(self._ready) == self.count:
+            pids = ", ".join(str(self._processes[i].pid) for i in sorted(self._processes))
+            log.warning(
+                "gRPC workers: %d processes share port %d (this one, pid %d, and %s)",
+                self.count + 1, self.settings.grpc_port, os.getpid(), pids,
+            )  # fmt: skip
+
+    async def _reap(self, index: int) -> None:
+        """The link is closed: the worker has exited (or is about to). Replace it unless the
+        service is stopping."""
+        process = self._processes[index]
+        try:
+            async with asyncio.timeout(STOP_MARGIN):
+                await _exited(process)
+        except TimeoutError:  # closed its link but did not exit
+            process.kill()
+            await _exited(process)
+        code = process.exitcode
+        del self._processes[index]
+        if self._stopping:
+            if code != 0:
+                log.error("gRPC worker %d (pid %d) exited with %s", index, process.pid, code)
+        else:
+            log.error(
+                "gRPC worker %d (pid %d) exited with %s; starting another in %gs",
+                index, process.pid, code, RESTART_DELAY,
+            )  # fmt: skip
+            await asyncio.sleep(RESTART_DELAY)
+            if not self._stopping:
+                self._spawn(index)
+        if self._stopping and not self._processes:
+            self._all_exited.set()
+
+    def publish_config(self, config: RateLimitConfig | None) -> None:
+        for link in self._links.values():
+            link.send(("config", config))
+
+    def stop(self) -> None:
+        """Tell every worker to drain and exit (a message, not a signal: a worker that also got
+        SIGTERM from its process group must not count it as a second, forcing signal)."""
+        self._stopping = True
+        if not self._processes:
+            self._all_exited.set()
+        for link in self._links.values():
+            link.send(("stop",))
+
+    async def wait_stopped(self) -> None:
+        """Wait until every worker has exited (killing any that outlives its drain), so that
+        their last stats are in before the primary's final flush."""
+        self.stop()
+        bound = self.settings.shutdown_drain_seconds + STOP_GRACE + STOP_MARGIN
+        try:
+            async with asyncio.timeout(bound):
+                await self._all_exited.wait()
+        except TimeoutError:
+            for index, process in list(self._processes.items()):
+                log.error("gRPC worker %d (pid %d) did not stop: killing it", index, process.pid)
+                process.kill()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STOP_MARGIN):
+                    await self._all_exited.wait()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sock in self._sockets.values():
+            sock.close()
+
+
+STOP_GRACE = 5.0  # as app.STOP_GRACE_SECONDS: in-flight RPCs get this long once listeners close
+
+
+class PrimaryApp(App):
+    """The process that was started: the whole App (gRPC included), whose stats also sum the
+    workers' and whose config reaches them; stopping it stops them."""
+
+    def __init__(self, settings: Settings, pool: WorkerPool) -> None:
+        super().__init__(settings)
+        self.aggregate = AggregateStats()
+        self.stats = self.aggregate
+        self.pool = pool
+
+    async def __aenter__(self) -> PrimaryApp:
+        await super().__aenter__()
+        self.pool.attach(self)
+        # Run when the App closes its operations: after its own listeners stopped, before the
+        # store and the final stats flush (so the workers' last reports are in it).
+        self._operations.push_async_callback(self.pool.wait_stopped)
+        return self
+
+    def stop(self) -> None:
+        super().stop()
+        self.pool.stop()
+
+
+# -- a worker -------------------------------------------------------------------------------------
+
+
+def worker_main(
+    env: dict[str, str], count: int, port: int, index: int, sock: socket.socket
+) -> None:
+    """A worker process: the primary's settings (same environment), one shared port, no sink."""
+    settings = replace(Settings.from_env(env), workers=count, grpc_port=port, disable_stats=True)
+    configure_logging(settings)
+    try:
+        run_loop(_serve_worker(settings, index, sock))
+    except Exception:
+        log.exception("gRPC worker %d failed", index)
+        sys.exit(1)
+
+
+async def _serve_worker(settings: Settings, index: int, sock: socket.socket) -> None:
+    link = await Link.open(sock)
+    message = await link.receive()
+    if message is None or message[0] != "config":
+        return  # the primary is gone before it sent anything
+    await serve(settings, app_factory=lambda s: WorkerApp(s, link, message[1]))
+
+
+class WorkerApp(App):
+    """A gRPC worker: App's store, limiter, service and gRPC listener; no HTTP, debug port,
+    config watcher or sink (the primary has them). Configs come from the primary, stats go to
+    it, and it drains when the primary says so or goes away."""
+
+    def __init__(self, settings: Settings, link: Link, config: RateLimitConfig | None) -> None:
+        super().__init__(settings)
+        self.link = link
+        self._initial_config = config
+        self._report = Report()
+        self.stats.sink = self._report
+
+    def reload(self) -> bool:
+        self.config = self._initial_config
+        return self.config is not None
+
+    async def _start_operations(self) -> None:
+        """Health (both backend pings and the gRPC health service), the link to the primary."""
+        assert self.store is not None and self.grpc is not None
+        from .health import monitor_backend
+
+        self.health.observe(self.grpc.set_serving)
+        loop = asyncio.get_running_loop()
+        for task in (
+            loop.create_task(self.health.run(), name="health-publish"),
+            loop.create_task(
+                monitor_backend(
+                    self.store, self.health, ping_timeout=self.settings.redis_op_timeout
+                ),
+                name="health-backend-ping",
+            ),
+            loop.create_task(self._listen(), name="primary-link"),
+            loop.create_task(self._report_forever(), name="stats-report"),
+        ):
+            self._operations.push_async_callback(_cancel_and_wait, task)
+        self.link.send(("ready", os.getpid()))
+
+    async def _listen(self) -> None:
+        while (message := await self.link.receive()) is not None:
+            if message[0] == "config":
+                self.config = message[1]
+            elif message[0] == "stop":
+                self.stop()
+        self.stop()  # the primary is gone: drain and exit rather than serve orphaned
+
+    async def _report_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            self._send_report()
+
+    def _send_report(self) -> None:
+        self.stats.flush()
+        self.link.send(self._report.take())
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await super().__aexit__(exc_type, exc, tb)
+        finally:
+            self._send_report()  # the last counts, after the last RPC finished
+            await self.link.close()
+
+
+async def _exited(process: Any) -> None:
+    """Wait without blocking the loop until ``process`` (a multiprocessing.Process) has exited."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def on_sentinel() -> None:
+        loop.remove_reader(process.sentinel)
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(process.sentinel, on_sentinel)
+    try:
+        await done
+    finally:
+        loop.remove_reader(process.sentinel)
+    process.join()
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
