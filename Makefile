@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# xds-protos (Envoy's generated code, for the wire-compatibility tests) in a directory of its
+	# own: it bundles old copies of the opentelemetry protos that would shadow the real ones.
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/xds-protos xds-protos
 	touch $@
 
 run: $(STAMP)

@@ -21,6 +21,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.wrappers_pb2 import UInt64Value
+from xds_protos import peer_env
 
 from ratelimit_svc.pb.envoy.config.core.v3 import base_pb2
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
@@ -239,6 +240,7 @@ def xds() -> dict[str, Any]:
         capture_output=True,
         text=True,
         check=False,
+        env=peer_env(),
     )
     assert result.returncode == 0, f"xds-protos peer failed:\n{result.stderr}"
     answer: dict[str, Any] = json.loads(result.stdout)

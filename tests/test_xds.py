@@ -22,6 +22,7 @@ import trustme
 from conftest import FakeClock
 from google.protobuf import any_pb2, struct_pb2
 from proto_peer import describe, method_paths
+from xds_protos import peer_env
 from xds_server import WAIT_SECONDS, AdsServer, rate_limit_config, rule
 
 from ratelimit_svc.backends.memory import MemoryStore
@@ -701,7 +702,7 @@ def test_discovery_protos_match_xds_protos() -> None:
     names = [d.full_name for d in OURS]
     result = subprocess.run(
         [sys.executable, "-c", PEER, str(TESTS), json.dumps(names)],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, env=peer_env(),
     )
     assert result.returncode == 0, result.stderr
     theirs = json.loads(result.stdout)
