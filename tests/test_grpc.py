@@ -291,3 +291,31 @@ def test_make_run_answers_with_the_example_config() -> None:
         proc.wait(15)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_duplicate_signal_is_one_signal_and_a_later_second_forces_exit(tmp_path: Path) -> None:
+    import time
+
+    env = base_env(**write_rules(tmp_path), GRPC_PORT=str(free_port()), SHUTDOWN_DRAIN_SECONDS="4")
+    proc, _ = start_process([sys.executable, "-m", "ratelimit_svc"], env)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the debug listener is the last one up...
+            if "Listening for debug" in line:
+                break
+        time.sleep(1.0)  # ...then the config watcher: a signal during startup cancels it instead
+        # A process-group kill plus a parent forwarding it: the same signal twice at once.
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        assert proc.poll() is None  # still draining, not forced out
+        proc.send_signal(signal.SIGINT)  # a deliberate second signal, later
+        started = time.monotonic()
+        assert proc.wait(10) == 1
+        assert time.monotonic() - started < 2.0  # forced: did not sit out the 4 s drain
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()

@@ -47,6 +47,8 @@ STAT_LOAD_SUCCESS = "ratelimit.service.config_load_success"
 STAT_LOAD_ERROR = "ratelimit.service.config_load_error"
 # In-flight RPCs and HTTP requests get this long to finish once the listeners stop accepting.
 STOP_GRACE_SECONDS = 5.0
+# A signal repeated within this long counts as the same one, not as a forcing second signal.
+DUPLICATE_SIGNAL_SECONDS = 1.0
 
 
 def limiter_options(settings: Settings) -> LimiterOptions:
@@ -310,13 +312,19 @@ async def serve(settings: Settings, app_factory: Callable[[Settings], App] = App
     app = app_factory(settings)  # App, or a worker process's variant (workers.py)
     starting = asyncio.current_task()
     signals_seen = 0
+    first_signal_at = 0.0
 
     def on_signal() -> None:
-        nonlocal signals_seen
+        nonlocal signals_seen, first_signal_at
         signals_seen += 1
         if signals_seen > 1:
+            # The same signal often arrives twice at once (a process group kill plus a parent
+            # such as make forwarding it): only a deliberate second signal forces the exit.
+            if time.monotonic() - first_signal_at < DUPLICATE_SIGNAL_SECONDS:
+                return
             log.warning("second signal: exiting now")
             os._exit(1)
+        first_signal_at = time.monotonic()
         log.warning("signal received: shutting down")
         app.stop()
         if starting is not None:
