@@ -544,20 +544,28 @@ def summarize(points: list[Point]) -> dict[str, dict[str, Any]]:
     """Median figures per scenario, and the median of the per-round ratios to the baseline (the
     faster of the two baselines in that round: the ceiling of one Python + grpcio process)."""
     baseline: dict[int, float] = {}
+    baseline_cpu: dict[int, float] = {}
     for p in points:
-        if p.scenario.startswith("baseline"):
+        if p.scenario.startswith("baseline") and p.target_rps is None:
             baseline[p.round] = max(baseline.get(p.round, 0.0), p.rps)
+            baseline_cpu[p.round] = min(baseline_cpu.get(p.round, 1e9), p.cpu_us_per_request)
     summary: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(p.scenario for p in points):
         mine = [p for p in points if p.scenario == name and p.target_rps is None]
         if not mine:
             continue
         ratios = [p.rps / baseline[p.round] for p in mine if p.round in baseline]
+        # The same comparison by CPU time per request (baseline's / ours): what one core would
+        # give each, steadier than throughput when other processes take the cores in turns.
+        cpu_ratios = [
+            baseline_cpu[p.round] / p.cpu_us_per_request for p in mine if p.round in baseline_cpu
+        ]
         summary[name] = {
             "workers": mine[0].workers,
             "rounds": len(mine),
             "rps": statistics.median(p.rps for p in mine),
             "ratio": statistics.median(ratios) if ratios else None,
+            "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
             **{
                 key: statistics.median(getattr(p, key) for p in mine)
                 for key in ("p50_ms", "p99_ms", "p999_ms", "cpu_us_per_request", "rss_mib")
@@ -568,22 +576,23 @@ def summarize(points: list[Point]) -> dict[str, dict[str, Any]]:
 
 def table(summary: dict[str, dict[str, Any]], latency: list[Point]) -> str:
     head = (
-        f"{'scenario':<36} {'workers':>7} {'req/s':>8} {'x base':>7} {'p50 ms':>7} "
+        f"{'scenario':<36} {'workers':>7} {'req/s':>8} {'x base':>7} {'x CPU':>6} {'p50 ms':>7} "
         f"{'p99 ms':>7} {'p999 ms':>8} {'CPU us/req':>10} {'RSS MiB':>8}"
     )
     lines = [head, "-" * len(head)]
     for name, s in summary.items():
         ratio = f"{s['ratio']:.2f}" if s["ratio"] is not None else "-"
+        cpu_ratio = f"{s['cpu_ratio']:.2f}" if s["cpu_ratio"] is not None else "-"
         lines.append(
-            f"{name:<36} {s['workers']:>7} {s['rps']:>8.0f} {ratio:>7} {s['p50_ms']:>7.2f} "
-            f"{s['p99_ms']:>7.2f} {s['p999_ms']:>8.2f} {s['cpu_us_per_request']:>10.0f} "
-            f"{s['rss_mib']:>8.1f}"
+            f"{name:<36} {s['workers']:>7} {s['rps']:>8.0f} {ratio:>7} {cpu_ratio:>6} "
+            f"{s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} {s['p999_ms']:>8.2f} "
+            f"{s['cpu_us_per_request']:>10.0f} {s['rss_mib']:>8.1f}"
         )
     for p in latency:
         name = f"{p.scenario} @ {p.target_rps:.0f}/s"
         lines.append(
-            f"{name:<36} {p.workers:>7} {p.rps:>8.0f} {'-':>7} {p.p50_ms:>7.2f} {p.p99_ms:>7.2f} "
-            f"{p.p999_ms:>8.2f} {p.cpu_us_per_request:>10.0f} {p.rss_mib:>8.1f}"
+            f"{name:<36} {p.workers:>7} {p.rps:>8.0f} {'-':>7} {'-':>6} {p.p50_ms:>7.2f} "
+            f"{p.p99_ms:>7.2f} {p.p999_ms:>8.2f} {p.cpu_us_per_request:>10.0f} {p.rss_mib:>8.1f}"
         )
     return "\n".join(lines)
 

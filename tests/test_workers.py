@@ -10,6 +10,7 @@ with exit 0. The rest are unit tests of the pieces (the worker count, the stats 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ import grpc
 import pytest
 from redis_fixtures import RedisServer
 from service_env import ServiceProcess, base_env, config_dir_env
+from xds_server import AdsServer, rate_limit_config, rule
 
 from ratelimit_svc.errors import SettingsError
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
@@ -205,13 +207,8 @@ def established_owners(port: int, pids: list[int]) -> dict[int, int]:
     return owners
 
 
-@pytest.fixture
-async def workers(tmp_path: Path, redis_db: RedisServer) -> AsyncIterator[Workers]:
-    runtime, config_dir = config_dir_env(tmp_path, RULES)
-    env = base_env(
-        **runtime, BACKEND_TYPE="redis", REDIS_SOCKET_TYPE="tcp", REDIS_URL=redis_db.url,
-        WORKERS="2", LOG_LEVEL="INFO", RUNTIME_WATCH_ROOT="false",
-    )  # fmt: skip
+@contextlib.asynccontextmanager
+async def start_workers(env: dict[str, str], config_dir: Path) -> AsyncIterator[Workers]:
     service = await ServiceProcess.start(env)
     try:
         match = READY.search(await service.wait_for_line("gRPC workers:"))
@@ -222,6 +219,20 @@ async def workers(tmp_path: Path, redis_db: RedisServer) -> AsyncIterator[Worker
         if service.process.returncode is None:
             os.killpg(service.process.pid, signal.SIGKILL)  # the primary and its workers
         await service.wait()
+
+
+def redis_env(redis_db: RedisServer, **extra: str) -> dict[str, str]:
+    return base_env(
+        BACKEND_TYPE="redis", REDIS_SOCKET_TYPE="tcp", REDIS_URL=redis_db.url, WORKERS="2",
+        LOG_LEVEL="INFO", **extra,
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def workers(tmp_path: Path, redis_db: RedisServer) -> AsyncIterator[Workers]:
+    runtime, config_dir = config_dir_env(tmp_path, RULES)
+    async with start_workers(redis_env(redis_db, **runtime, RUNTIME_WATCH_ROOT="false"), config_dir) as running:
+        yield running
 
 
 async def test_both_workers_take_connections_and_count_exactly(workers: Workers) -> None:
@@ -266,10 +277,15 @@ async def test_a_worker_that_dies_is_replaced(workers: Workers) -> None:
     assert any(f"pid {worker}) exited with -9" in line for line in workers.service.lines)
 
 
-async def test_sigterm_drains_every_process_and_exits_0(workers: Workers) -> None:
+@pytest.mark.parametrize("group", [False, True], ids=["to-the-primary", "to-the-process-group"])
+async def test_sigterm_drains_every_process_and_exits_0(workers: Workers, group: bool) -> None:
     await workers.ask(channels=4, requests=8)
-    workers.service.process.send_signal(signal.SIGTERM)
+    if group:  # as `timeout`, or a shell's job control: every process gets it at once
+        os.killpg(workers.service.process.pid, signal.SIGTERM)
+    else:  # as Kubernetes or Docker (to PID 1)
+        workers.service.process.send_signal(signal.SIGTERM)
     assert await workers.service.wait() == 0
+    assert not any(" ERROR " in line for line in workers.service.lines), "".join(workers.service.lines)
     for pid in workers.pids:
         assert _gone(pid), f"pid {pid} still running"
     assert not any("Traceback" in line for line in workers.service.lines), "".join(workers.service.lines)
@@ -281,3 +297,29 @@ def _gone(pid: int) -> bool:
             return f.read().split(") ")[1].startswith("Z")  # exited, not yet reaped
     except FileNotFoundError:
         return True
+
+
+async def test_only_the_primary_follows_xds_and_every_worker_gets_its_configs(
+    tmp_path: Path, redis_db: RedisServer
+) -> None:
+    ads = AdsServer()
+    await ads.start()
+    try:
+        await ads.set_snapshot("v1", [rate_limit_config("w", "w", rule("k", per_unit=50))])
+        env = redis_env(
+            redis_db, CONFIG_TYPE="GRPC_XDS_SOTW", CONFIG_GRPC_XDS_SERVER_URL=f"127.0.0.1:{ads.port}"
+        )
+        async with start_workers(env, tmp_path) as workers:
+            answers = await workers.ask(channels=16, requests=16)
+            assert {a.statuses[0].current_limit.requests_per_unit for a in answers} == {50}
+            await ads.set_snapshot("v2", [rate_limit_config("w", "w", rule("k", per_unit=7))])
+            async with asyncio.timeout(10):
+                while True:  # the primary ACKs, then sends it over each link
+                    answers = await workers.ask(channels=16, requests=16)
+                    if {a.statuses[0].current_limit.requests_per_unit for a in answers} == {7}:
+                        break
+                    await asyncio.sleep(0.1)
+            assert all(held > 0 for held in workers.last_owners.values()), workers.last_owners
+            assert ads.open_streams == 1  # one subscription for the whole service
+    finally:
+        await ads.stop()

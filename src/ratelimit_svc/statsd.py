@@ -153,8 +153,12 @@ class StatsdSink:
 
     async def _run(self) -> None:
         while True:
+            # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives as the
+            # inner wait completes (CPython gh-86296), and under load (the event set constantly)
+            # ``close`` then waited for this task forever: the process never exited on SIGTERM.
             try:
-                await asyncio.wait_for(self._kick.wait(), SEND_INTERVAL)
+                async with asyncio.timeout(SEND_INTERVAL):
+                    await self._kick.wait()
             except TimeoutError:
                 pass
             self._kick.clear()

@@ -50,6 +50,7 @@ REPORT_INTERVAL = 1.0  # seconds between a worker's stats reports to the primary
 RESTART_DELAY = 1.0  # before replacing a worker that died
 STOP_MARGIN = 10.0  # beyond drain and grace, how long the primary waits for workers to exit
 _FRAME = struct.Struct("!I")
+_STATUS_UNKNOWN = 255  # multiprocessing's exit code for a worker whose fork server has gone
 
 
 def usable_cpus() -> int:
@@ -336,7 +337,11 @@ class WorkerPool:
         code = process.exitcode
         del self._processes[index]
         if self._stopping:
-            if code != 0:
+            if code == _STATUS_UNKNOWN:
+                # SIGTERM to the whole process group stops the fork server too, and with it goes
+                # the exit status it relays; the worker itself drained on the same signal.
+                log.info("gRPC worker %d (pid %d) stopped", index, process.pid)
+            elif code != 0:
                 log.error("gRPC worker %d (pid %d) exited with %s", index, process.pid, code)
         else:
             log.error(
@@ -446,8 +451,12 @@ class WorkerApp(App):
         self._report = Report()
         self.stats.sink = self._report
 
-    def reload(self) -> bool:
+    async def _load_initial_config(self) -> None:
+        """The primary's current config: it alone loads files or follows xDS."""
         self.config = self._initial_config
+
+    def reload(self) -> bool:
+        """Configs come from the primary (``_listen``): nothing to load here."""
         return self.config is not None
 
     async def _start_operations(self) -> None:
