@@ -181,10 +181,6 @@ class Service:
             "RESPONSE_DYNAMIC_METADATA": "true", "LOG_LEVEL": "WARN",
             "PYTHONFAULTHANDLER": "1",  # SIGABRT dumps every thread's stack into the log
         }  # fmt: skip
-        if "WORKERS" in os.environ:  # the service's default otherwise: one per CPU
-            self.env["WORKERS"] = os.environ["WORKERS"]
-        if os.environ.get("SOAK_NO_STATSD"):
-            self.env["USE_STATSD"] = "false"
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 

@@ -7,6 +7,7 @@ environment variables. The random versions of these are in test_properties.py.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -238,6 +239,28 @@ async def test_garbage_json_is_400_and_the_service_keeps_serving(
         async with session.post(url, json=good) as answer:
             assert answer.status == 200
     await assert_still_serving(channel)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"*4\r\n$6\r\nCLIENT\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"GET /json HTTP/9.9\r\n\r\n"],
+    ids=["redis-protocol", "tls-hello", "bad-version"],
+)
+async def test_non_http_bytes_on_the_http_port_get_400_and_it_keeps_serving(
+    app: App, data: bytes
+) -> None:
+    assert app.http is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.http.port)
+    writer.write(data)
+    await writer.drain()
+    async with asyncio.timeout(10):
+        answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{app.http.port}/healthcheck") as health:
+            assert health.status == 200
 
 
 async def test_oversized_json_body_is_refused(app: App) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from ratelimit_svc.app import App
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from ratelimit_svc.settings import Settings
+from ratelimit_svc.statsd import StatsdSink
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 8
@@ -245,3 +247,32 @@ async def test_sigterm_under_load_fails_no_in_flight_call(
         counted = sum(int(admin.get(key) or 0) for key in admin.keys("d_k_v_*"))
     assert counted == sum(c.code is grpc.StatusCode.OK for c in calls)
     assert "Traceback" not in log
+
+
+async def test_statsd_sink_closes_while_busy() -> None:
+    """The soak found SIGTERM never finishing under load with statsd on: the sink's send loop,
+    cancelled while its wake-up event was being set, swallowed the cancellation (asyncio.wait_for
+    on Python 3.11) and the final flush waited for it forever. Close it mid-burst, many times."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unread:
+        unread.bind((HOST, 0))
+        for attempt in range(100):
+            sink = StatsdSink(HOST, unread.getsockname()[1], protocol="udp")
+            await sink.start()
+            sender = sink._task
+            stop_kicking = asyncio.Event()
+
+            async def kick(sink: StatsdSink = sink, stop: asyncio.Event = stop_kicking) -> None:
+                while not stop.is_set():
+                    sink.flush_counter("ratelimit.soak." + "x" * 1500, 1)  # a packet's worth
+                    await asyncio.sleep(0)
+
+            kicker = asyncio.get_running_loop().create_task(kick())
+            for _ in range(attempt % 5):
+                await asyncio.sleep(0)
+            try:
+                async with asyncio.timeout(2):
+                    await sink.close()
+            finally:
+                stop_kicking.set()
+                await kicker
+            assert sender is not None and sender.done(), f"attempt {attempt}: still sending"
