@@ -44,7 +44,7 @@ proto: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-# Envoy + the service + Redis + an echo upstream, no Docker (scripts/demo.py, docs/demo.md):
+# Envoy + the service + Redis + an echo upstream, no Docker (scripts/demo.py, README.md (The Envoy demo)):
 # a burst per route, a table of allowed vs limited, then running until Ctrl-C.
 # `make demo DEMO_ARGS=--detach` returns once the table is printed; `make demo-down` stops it.
 .PHONY: demo demo-down
@@ -61,7 +61,7 @@ soak: $(STAMP)
 	$(BIN)/python scripts/soak.py
 
 # ShouldRateLimit under h2load against a bare grpc.aio server (scripts/bench.py,
-# docs/performance.md): a table and .bench/results.json. BENCH_QUICK=1 for a short run,
+# README.md (Performance)): a table and .bench/results.json. BENCH_QUICK=1 for a short run,
 # BENCH_STRICT=1 to fail when a target is missed. Installs h2load and Redis if missing (as root).
 .PHONY: bench
 bench: $(STAMP)

@@ -65,7 +65,7 @@ MAX_HITS_ADDEND = 2**32 - 1  # as the request-level field (uint32); Redis fails 
 
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
-    """What one request may carry (MAX_* settings, docs/reliability.md; 0 = no limit)."""
+    """What one request may carry (MAX_* settings, README: Reliability; 0 = no limit)."""
 
     max_descriptors: int = 256
     max_entries: int = 64

@@ -351,7 +351,7 @@ class Settings:
     redis_startup_max_interval: Duration = 30.0
     redis_startup_max_elapsed_time: Duration = 0.0
 
-    # Ours (SPEC 12, docs/reliability.md): fail fast when the backend fails (0 = off / unbounded)
+    # Ours (SPEC 12, README: Reliability): fail fast when the backend fails (0 = off / unbounded)
     # and bound what one request may carry (0 = no limit).
     breaker_failure_threshold: Count = 5
     breaker_cooldown: Annotated[float, within(seconds, 0.0)] = 2.0
@@ -388,7 +388,7 @@ class Settings:
     stats_max_keys: Annotated[int, within(integer, 1)] = 10_000
     # The reference's limit on one xDS message.
     xds_client_max_msg_size_in_bytes: Annotated[int, within(integer, 1)] = 256 * 1024 * 1024
-    # Ours (docs/performance.md): gRPC worker processes sharing GRPC_PORT. 0 = one per CPU with
+    # Ours (README: Performance): gRPC worker processes sharing GRPC_PORT. 0 = one per CPU with
     # a shared backend, 1 with BACKEND_TYPE=memory or GRPC_UDS (see workers.worker_count).
     workers: Count = 0
 

@@ -73,7 +73,7 @@ def worker_count(settings: Settings) -> int:
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run ``main`` on uvloop when it is installed (measurably less CPU per request,
-    docs/performance.md), else on asyncio's own loop."""
+    README: Performance), else on asyncio's own loop."""
     try:
         import uvloop
     except ImportError:
