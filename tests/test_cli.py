@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from conftest import FakeClock
 from test_grpc import base_env, write_rules
 
 from ratelimit_svc.app import App
@@ -110,7 +111,10 @@ async def client(*args: str) -> tuple[int, str]:
 
 @pytest.fixture
 async def app(tmp_path: Path) -> AsyncIterator[App]:
-    async with App(Settings.from_env(base_env(**write_rules(tmp_path)))) as running:
+    # A fake clock: the three client processes of one test may take seconds, and a real minute
+    # boundary between them would reset the per-minute counter.
+    clock = FakeClock()
+    async with App(Settings.from_env(base_env(**write_rules(tmp_path))), clock=clock) as running:
         yield running
 
 
