@@ -10,7 +10,13 @@ from cluster_fixtures import (  # noqa: F401
     redis_sentinel_factory,
 )
 from memcache_fixtures import memcached_factory, memcached_server  # noqa: F401
-from redis_fixtures import redis_db, redis_server, redis_server_factory, redis_url  # noqa: F401
+from redis_fixtures import (  # noqa: F401
+    redis_db,
+    redis_server,
+    redis_server_factory,
+    redis_url,
+    socket_writes,
+)
 
 
 class FakeClock:

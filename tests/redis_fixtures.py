@@ -17,6 +17,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import os
@@ -352,3 +353,24 @@ def redis_server_factory() -> Iterator[Any]:
     finally:
         for server in servers:
             server.close()
+
+
+@pytest.fixture
+def socket_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
+    """Every chunk of bytes any asyncio stream writes while the test runs, one item per call."""
+    writes: list[bytes] = []
+    original_write = asyncio.StreamWriter.write
+    original_writelines = asyncio.StreamWriter.writelines
+
+    def write(self: asyncio.StreamWriter, data: Any) -> None:
+        writes.append(bytes(data))
+        original_write(self, data)
+
+    def writelines(self: asyncio.StreamWriter, data: Any) -> None:
+        chunks = [bytes(chunk) for chunk in data]
+        writes.append(b"".join(chunks))
+        original_writelines(self, chunks)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", write)
+    monkeypatch.setattr(asyncio.StreamWriter, "writelines", writelines)
+    yield writes

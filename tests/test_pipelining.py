@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -38,24 +38,6 @@ class FakeSend:
         return [f"reply:{command[1]}" for command in commands]
 
 
-@pytest.fixture
-def socket_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
-    writes: list[bytes] = []
-    original_write = asyncio.StreamWriter.write
-    original_writelines = asyncio.StreamWriter.writelines
-
-    def write(self: asyncio.StreamWriter, data: Any) -> None:
-        writes.append(bytes(data))
-        original_write(self, data)
-
-    def writelines(self: asyncio.StreamWriter, data: Any) -> None:
-        chunks = [bytes(chunk) for chunk in data]
-        writes.append(b"".join(chunks))
-        original_writelines(self, chunks)
-
-    monkeypatch.setattr(asyncio.StreamWriter, "write", write)
-    monkeypatch.setattr(asyncio.StreamWriter, "writelines", writelines)
-    yield writes
 
 
 @pytest.fixture

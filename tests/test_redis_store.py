@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -67,25 +67,6 @@ class FakeSleep:
             action()
 
 
-@pytest.fixture
-def socket_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
-    """Every chunk of bytes any asyncio stream writes while the test runs, one item per call."""
-    writes: list[bytes] = []
-    original_write = asyncio.StreamWriter.write
-    original_writelines = asyncio.StreamWriter.writelines
-
-    def write(self: asyncio.StreamWriter, data: Any) -> None:
-        writes.append(bytes(data))
-        original_write(self, data)
-
-    def writelines(self: asyncio.StreamWriter, data: Any) -> None:
-        chunks = [bytes(chunk) for chunk in data]
-        writes.append(b"".join(chunks))
-        original_writelines(self, chunks)
-
-    monkeypatch.setattr(asyncio.StreamWriter, "write", write)
-    monkeypatch.setattr(asyncio.StreamWriter, "writelines", writelines)
-    yield writes
 
 
 def resp(*args: str | int) -> bytes:

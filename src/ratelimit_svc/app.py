@@ -33,7 +33,14 @@ from .runtime import RuntimeLocation, load_from_files
 from .service import RateLimitService, RequestLimits
 from .settings import Settings
 from .sinks import StatsReporter, start_reporter
-from .stats import MemoryStats, breaker_collector, local_cache_collector, redis_pool_collector
+from .stats import (
+    STAT_LOAD_ERROR,
+    STAT_LOAD_SUCCESS,
+    MemoryStats,
+    breaker_collector,
+    local_cache_collector,
+    redis_pool_collector,
+)
 from .xds import XdsConfigClient
 
 if TYPE_CHECKING:
@@ -43,8 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAT_LOAD_SUCCESS = "ratelimit.service.config_load_success"
-STAT_LOAD_ERROR = "ratelimit.service.config_load_error"
 # In-flight RPCs and HTTP requests get this long to finish once the listeners stop accepting.
 STOP_GRACE_SECONDS = 5.0
 # A signal repeated within this long counts as the same one, not as a forcing second signal.

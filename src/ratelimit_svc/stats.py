@@ -23,6 +23,9 @@ from typing import Protocol
 from .limiter import RuleCounts
 
 RULE_STATS = tuple(f.name for f in fields(RuleCounts))
+# Counted by whichever loader swaps a config in: the file reloader (app) or the xDS client.
+STAT_LOAD_SUCCESS = "ratelimit.service.config_load_success"
+STAT_LOAD_ERROR = "ratelimit.service.config_load_error"
 PER_KEY_PREFIX = "ratelimit.service.rate_limit."
 DEFAULT_MAX_KEYS = 10_000
 _SANITIZE = str.maketrans({":": "_", "|": "_"})

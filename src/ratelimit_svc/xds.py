@@ -33,12 +33,11 @@ from .pb.envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from .pb.ratelimit.config.ratelimit.v3 import rls_conf_pb2
 from .pb.ratelimit.deps.google.rpc import status_pb2
 from .settings import Settings
+from .stats import STAT_LOAD_ERROR, STAT_LOAD_SUCCESS
 
 log = logging.getLogger(__name__)
 
 TYPE_URL = "type.googleapis.com/ratelimit.config.ratelimit.v3.RateLimitConfig"
-STAT_LOAD_SUCCESS = "ratelimit.service.config_load_success"
-STAT_LOAD_ERROR = "ratelimit.service.config_load_error"
 # The whole rule set arrives in one message; gRPC's default 4 MiB limit is too small for big ones.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _INVALID_ARGUMENT = 3  # google.rpc.Code, as Envoy sets it on a rejected update
