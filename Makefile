@@ -37,6 +37,7 @@ unit: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 proto: $(STAMP)
 	$(BIN)/python scripts/genproto.py

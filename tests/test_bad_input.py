@@ -21,12 +21,12 @@ import grpc
 import pytest
 
 from ratelimit_svc.app import App
-from ratelimit_svc.config import ConfigFile, load_config
+from ratelimit_svc.config.files import RuntimeLocation, load_from_files
+from ratelimit_svc.config.loader import ConfigFile, load_config
 from ratelimit_svc.errors import ConfigError, SettingsError
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from ratelimit_svc.runtime import RuntimeLocation, load_from_files
-from ratelimit_svc.settings import Settings
+from ratelimit_svc.settings.model import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"

@@ -15,8 +15,8 @@ from conftest import FakeClock
 from test_grpc import base_env, write_rules
 
 from ratelimit_svc.app import App
-from ratelimit_svc.cli import config_check_main
-from ratelimit_svc.settings import Settings
+from ratelimit_svc.main import config_check_main
+from ratelimit_svc.settings.model import Settings
 
 BIN = Path(sys.executable).parent
 FIXTURES = Path(__file__).parent / "fixtures"

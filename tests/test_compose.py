@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ratelimit_svc.settings import Settings
+from ratelimit_svc.settings.model import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "scripts") not in sys.path:

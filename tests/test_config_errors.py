@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ratelimit_svc.config import ConfigFile, load_config
+from ratelimit_svc.config.loader import ConfigFile, load_config
 from ratelimit_svc.errors import ConfigError
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from ratelimit_svc.config import ConfigFile, Node, RateLimitConfig, Rule, Unit, load_config
+from ratelimit_svc.config.files import RuntimeLocation, load_from_files, read_config_files
+from ratelimit_svc.config.loader import ConfigFile, load_config
+from ratelimit_svc.config.rules import Node, RateLimitConfig, Rule, Unit
 from ratelimit_svc.errors import ConfigError
-from ratelimit_svc.runtime import RuntimeLocation, load_from_files, read_config_files
 
 OK = Path(__file__).parent / "fixtures" / "config_ok"
 

@@ -21,17 +21,12 @@ from cluster_fixtures import REDIS_PASSWORD, SENTINEL_PASSWORD
 from conftest import FakeClock
 
 from ratelimit_svc.backends.memory import MemoryStore
-from ratelimit_svc.config import ConfigFile, RateLimitConfig, load_config
-from ratelimit_svc.limiter import (
-    CounterStore,
-    Increment,
-    Limiter,
-    LimiterOptions,
-    Request,
-    RequestDescriptor,
-)
-from ratelimit_svc.settings import RedisSettings
-from ratelimit_svc.stats import MemoryStats
+from ratelimit_svc.config.loader import ConfigFile, load_config
+from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.limiter.limiter import Limiter, LimiterOptions, Request, RequestDescriptor
+from ratelimit_svc.limiter.store import CounterStore, Increment
+from ratelimit_svc.settings.model import RedisSettings
+from ratelimit_svc.stats.registry import MemoryStats
 
 RULES = """
 domain: suite
@@ -123,7 +118,7 @@ async def open_persecond(clock: FakeClock, request: pytest.FixtureRequest, fresh
 
 
 async def open_memcache(clock: FakeClock, request: pytest.FixtureRequest, fresh: bool) -> CounterStore:
-    from ratelimit_svc.backends.memcache import MemcacheStore
+    from ratelimit_svc.backends.memcache.store import MemcacheStore
 
     server = request.getfixturevalue("memcached_server")
     if fresh:

@@ -13,8 +13,8 @@ import pytest
 from service_env import base_env, config_dir_env
 
 from ratelimit_svc.app import App
-from ratelimit_svc.limiter import Request, RequestDescriptor
-from ratelimit_svc.settings import Settings
+from ratelimit_svc.limiter.limiter import Request, RequestDescriptor
+from ratelimit_svc.settings.model import Settings
 
 RULES = """
 domain: basic

@@ -25,10 +25,10 @@ from ratelimit_svc.app import App
 from ratelimit_svc.backends.breaker import BreakerState, CircuitBreakerStore
 from ratelimit_svc.backends.memory import MemoryStore
 from ratelimit_svc.errors import BackendError
-from ratelimit_svc.limiter import Increment
+from ratelimit_svc.limiter.store import Increment
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from ratelimit_svc.settings import Settings
+from ratelimit_svc.settings.model import Settings
 
 OP_TIMEOUT = 0.5
 # Scheduling noise on a loaded 2-core CI machine; the bound is OP_TIMEOUT + this.

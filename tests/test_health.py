@@ -21,9 +21,10 @@ from redis_fixtures import RedisServer
 from service_env import base_env, config_dir_env, rules
 
 from ratelimit_svc.app import App
-from ratelimit_svc.health import Health
-from ratelimit_svc.limiter import Code, Request, RequestDescriptor
-from ratelimit_svc.settings import Settings
+from ratelimit_svc.limiter.limiter import Request, RequestDescriptor
+from ratelimit_svc.limiter.windows import Code
+from ratelimit_svc.servers.health import Health
+from ratelimit_svc.settings.model import Settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -15,7 +15,7 @@ from redis_fixtures import RedisServer
 from service_env import base_env, config_dir_env
 
 from ratelimit_svc.app import App
-from ratelimit_svc.settings import Settings
+from ratelimit_svc.settings.model import Settings
 
 
 @pytest.fixture

@@ -8,21 +8,20 @@ import pytest
 from conftest import FakeClock
 
 from ratelimit_svc.backends.memory import MemoryStore
-from ratelimit_svc.config import ConfigFile, RateLimitConfig, Unit, load_config
+from ratelimit_svc.config.loader import ConfigFile, load_config
+from ratelimit_svc.config.rules import RateLimitConfig, Unit
 from ratelimit_svc.errors import NoConfigError, RequestError
-from ratelimit_svc.limiter import (
+from ratelimit_svc.limiter.limiter import (
     MAX_UINT32,
-    Code,
-    Increment,
     Limiter,
     LimiterOptions,
     Request,
     RequestDescriptor,
-    decide,
-    near_threshold,
 )
-from ratelimit_svc.matching import Override
-from ratelimit_svc.stats import MemoryStats
+from ratelimit_svc.limiter.matching import Override
+from ratelimit_svc.limiter.store import Increment
+from ratelimit_svc.limiter.windows import Code, decide, near_threshold
+from ratelimit_svc.stats.registry import MemoryStats
 
 RULES = """
 domain: basic

@@ -3,7 +3,7 @@ when their window ends."""
 
 from __future__ import annotations
 
-from ratelimit_svc.localcache import ENTRY_OVERHEAD_BYTES, LocalCache
+from ratelimit_svc.limiter.localcache import ENTRY_OVERHEAD_BYTES, LocalCache
 
 
 def test_entries_expire_with_their_window() -> None:

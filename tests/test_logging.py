@@ -18,7 +18,7 @@ from test_grpc import base_env, descriptor, free_port, start_process, write_rule
 from ratelimit_svc.app import App
 from ratelimit_svc.logsetup import RedactFilter, configure_logging
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from ratelimit_svc.settings import Settings
+from ratelimit_svc.settings.model import Settings
 
 log = logging.getLogger("ratelimit_svc.test")
 

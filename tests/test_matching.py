@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ratelimit_svc.config import ConfigFile, RateLimitConfig, Unit, load_config
-from ratelimit_svc.matching import Override, descriptor_key, match
+from ratelimit_svc.config.loader import ConfigFile, load_config
+from ratelimit_svc.config.rules import RateLimitConfig, Unit
+from ratelimit_svc.limiter.matching import Override, descriptor_key, match
 
 RULES = """
 domain: d

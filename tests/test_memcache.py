@@ -17,13 +17,14 @@ from conftest import FakeClock
 from memcache_fixtures import MemcachedServer
 
 from ratelimit_svc.backends import open_store
-from ratelimit_svc.backends.memcache import MemcacheStore, storage_key
-from ratelimit_svc.backends.memcache_client import pick, servers_from_srv, tls_context
-from ratelimit_svc.config import ConfigFile, load_config
+from ratelimit_svc.backends.memcache.client import pick, servers_from_srv, tls_context
+from ratelimit_svc.backends.memcache.store import MemcacheStore, storage_key
+from ratelimit_svc.config.loader import ConfigFile, load_config
 from ratelimit_svc.errors import BackendError
-from ratelimit_svc.limiter import Increment, Limiter, LimiterOptions, Request, RequestDescriptor
-from ratelimit_svc.settings import Settings
-from ratelimit_svc.stats import MemoryStats
+from ratelimit_svc.limiter.limiter import Limiter, LimiterOptions, Request, RequestDescriptor
+from ratelimit_svc.limiter.store import Increment
+from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.stats.registry import MemoryStats
 
 KEY = "basic_key1_foo_1700000005"
 
@@ -250,7 +251,7 @@ async def test_dns_srv_records_are_read_with_dnspython(monkeypatch: pytest.Monke
     import dns.rdataclass
     import dns.rdatatype
 
-    from ratelimit_svc.backends.memcache_client import dns_srv_records
+    from ratelimit_svc.backends.memcache.client import dns_srv_records
 
     asked: list[tuple[str, str]] = []
 

@@ -16,12 +16,13 @@ from redis_fixtures import RedisServer
 from ratelimit_svc.backends import open_store
 from ratelimit_svc.backends.memory import MemoryStore
 from ratelimit_svc.backends.persecond import PerSecondStore
-from ratelimit_svc.backends.redis import RedisStore
-from ratelimit_svc.config import ConfigFile, load_config
+from ratelimit_svc.backends.redis.single import RedisStore
+from ratelimit_svc.config.loader import ConfigFile, load_config
 from ratelimit_svc.errors import BackendError
-from ratelimit_svc.limiter import Increment, Limiter, LimiterOptions, Request, RequestDescriptor
-from ratelimit_svc.settings import RedisSettings, Settings
-from ratelimit_svc.stats import MemoryStats
+from ratelimit_svc.limiter.limiter import Limiter, LimiterOptions, Request, RequestDescriptor
+from ratelimit_svc.limiter.store import Increment
+from ratelimit_svc.settings.model import RedisSettings, Settings
+from ratelimit_svc.stats.registry import MemoryStats
 
 RULES = """
 domain: split

@@ -14,11 +14,13 @@ import pytest
 from cluster_fixtures import RedisCluster
 from redis_fixtures import RedisServer
 
-from ratelimit_svc.backends.pipelining import Coalescer
-from ratelimit_svc.backends.redis import CommandStore, RedisStore, create_redis_store
+from ratelimit_svc.backends.redis import create_redis_store
+from ratelimit_svc.backends.redis.connection import CommandStore
+from ratelimit_svc.backends.redis.pipelining import Coalescer
+from ratelimit_svc.backends.redis.single import RedisStore
 from ratelimit_svc.errors import BackendError
-from ratelimit_svc.limiter import Increment
-from ratelimit_svc.settings import RedisSettings
+from ratelimit_svc.limiter.store import Increment
+from ratelimit_svc.settings.model import RedisSettings
 
 KEY = "suite_pipelined_1700000000"
 

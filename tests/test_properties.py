@@ -28,12 +28,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ratelimit_svc.app import App
-from ratelimit_svc.config import VALID_KEYS, ConfigFile, load_config
+from ratelimit_svc.config.loader import VALID_KEYS, ConfigFile, load_config
 from ratelimit_svc.errors import ConfigError
-from ratelimit_svc.matching import match
+from ratelimit_svc.limiter.matching import match
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from ratelimit_svc.settings import Settings
+from ratelimit_svc.settings.model import Settings
 
 # -- the config loader ---------------------------------------------------------------------------
 

@@ -15,10 +15,10 @@ from cluster_fixtures import RedisCluster, wait_for
 from redis.crc import key_slot
 
 from ratelimit_svc.backends import open_store
-from ratelimit_svc.backends.redis_cluster import ClusterStore, parse_cluster_slots
+from ratelimit_svc.backends.redis.cluster import ClusterStore, parse_cluster_slots
 from ratelimit_svc.errors import BackendError
-from ratelimit_svc.limiter import Increment
-from ratelimit_svc.settings import RedisSettings, Settings
+from ratelimit_svc.limiter.store import Increment
+from ratelimit_svc.settings.model import RedisSettings, Settings
 
 
 @pytest.fixture

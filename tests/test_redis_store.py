@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 from redis_fixtures import RedisServer, free_port
 
-from ratelimit_svc.backends.redis import RedisStore, open_redis_store, split_auth
+from ratelimit_svc.backends.redis import open_redis_store
+from ratelimit_svc.backends.redis.connection import split_auth
+from ratelimit_svc.backends.redis.single import RedisStore
 from ratelimit_svc.errors import BackendError
-from ratelimit_svc.limiter import Increment
-from ratelimit_svc.settings import RedisSettings
+from ratelimit_svc.limiter.store import Increment
+from ratelimit_svc.settings.model import RedisSettings
 
 KEY = "basic_key1_foo_1700000005"
 LOGGER = "ratelimit_svc.backends.redis"

@@ -28,10 +28,11 @@ from watchdog.events import (
 )
 
 from ratelimit_svc.app import App
-from ratelimit_svc.limiter import Code, Request, RequestDescriptor
-from ratelimit_svc.reload import WatchSpec, _Handler, plan_watches
-from ratelimit_svc.runtime import RuntimeLocation
-from ratelimit_svc.settings import Settings
+from ratelimit_svc.config.files import RuntimeLocation
+from ratelimit_svc.config.watch import WatchSpec, _Handler, plan_watches
+from ratelimit_svc.limiter.limiter import Request, RequestDescriptor
+from ratelimit_svc.limiter.windows import Code
+from ratelimit_svc.settings.model import Settings
 
 LOAD_TIMEOUT = 15.0
 

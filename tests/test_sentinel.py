@@ -13,10 +13,10 @@ import pytest
 from cluster_fixtures import MASTER_NAME, REDIS_PASSWORD, SENTINEL_PASSWORD, SentinelSetup
 
 from ratelimit_svc.backends.redis import open_redis_store
-from ratelimit_svc.backends.redis_sentinel import SentinelStore
+from ratelimit_svc.backends.redis.sentinel import SentinelStore
 from ratelimit_svc.errors import BackendError
-from ratelimit_svc.limiter import Increment
-from ratelimit_svc.settings import RedisSettings
+from ratelimit_svc.limiter.store import Increment
+from ratelimit_svc.settings.model import RedisSettings
 
 KEY = "suite_sentinel_1700000000"
 

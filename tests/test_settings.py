@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from ratelimit_svc.errors import SettingsError
-from ratelimit_svc.settings import (
+from ratelimit_svc.settings.model import (
     REDACTED,
     RedisSettings,
     Settings,

@@ -15,11 +15,17 @@ from test_grpc import base_env, descriptor, write_rules
 
 from ratelimit_svc.app import App
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from ratelimit_svc.prometheus import PrometheusSink, map_counter
-from ratelimit_svc.settings import Settings
-from ratelimit_svc.sinks import sink_kind
-from ratelimit_svc.stats import MemoryStats
-from ratelimit_svc.statsd import UDP_PACKET_BYTES, Mogrifier, StatsdSink, format_number, tag_suffix
+from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.stats.prometheus import PrometheusSink, map_counter
+from ratelimit_svc.stats.registry import MemoryStats
+from ratelimit_svc.stats.reporter import sink_kind
+from ratelimit_svc.stats.statsd import (
+    UDP_PACKET_BYTES,
+    Mogrifier,
+    StatsdSink,
+    format_number,
+    tag_suffix,
+)
 
 NESTED = """
 domain: basic
@@ -147,7 +153,7 @@ async def test_statsd_tcp_lines_and_reconnect_after_statsd_returns(caplog: pytes
     await sink.start()
     try:
         sink.flush_counter("ratelimit.service.config_load_success", 1)
-        with caplog.at_level(logging.WARNING, logger="ratelimit_svc.statsd"):
+        with caplog.at_level(logging.WARNING, logger="ratelimit_svc.stats.statsd"):
             await sink.flush()  # refused: logged once, the line is kept
             await sink.flush()
         assert sum("unreachable" in r.getMessage() for r in caplog.records) == 1  # once, not per flush

@@ -8,10 +8,12 @@ from collections.abc import Sequence
 
 from conftest import FakeClock
 
-from ratelimit_svc.config import ConfigFile, load_config
-from ratelimit_svc.limiter import Increment, Limiter, Request, RequestDescriptor, RuleCounts
-from ratelimit_svc.localcache import LocalCache
-from ratelimit_svc.stats import (
+from ratelimit_svc.config.loader import ConfigFile, load_config
+from ratelimit_svc.limiter.limiter import Limiter, Request, RequestDescriptor
+from ratelimit_svc.limiter.localcache import LocalCache
+from ratelimit_svc.limiter.store import Increment
+from ratelimit_svc.limiter.windows import RuleCounts
+from ratelimit_svc.stats.registry import (
     MemoryStats,
     breaker_collector,
     local_cache_collector,

@@ -16,7 +16,7 @@ from test_grpc import base_env, descriptor, write_rules
 from ratelimit_svc.app import App
 from ratelimit_svc.errors import SettingsError
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from ratelimit_svc.settings import Settings
+from ratelimit_svc.settings.model import Settings
 
 REQUEST = rls_pb2.RateLimitRequest(domain="basic", descriptors=[descriptor(("key1", "tls"))])
 

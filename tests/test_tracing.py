@@ -18,7 +18,7 @@ from test_grpc import base_env, descriptor, write_rules
 
 from ratelimit_svc.app import App
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from ratelimit_svc.settings import Settings
+from ratelimit_svc.settings.model import Settings
 from ratelimit_svc.tracing import Tracing
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -152,7 +152,7 @@ def test_no_opentelemetry_import_when_tracing_is_off(tmp_path: Path) -> None:
         f"""
         import asyncio, sys
         from ratelimit_svc.app import App
-        from ratelimit_svc.settings import Settings
+        from ratelimit_svc.settings.model import Settings
 
         async def main():
             async with App(Settings.from_env({env!r})) as app:

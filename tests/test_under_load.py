@@ -24,8 +24,8 @@ from redis_fixtures import HOST, RedisServer
 from ratelimit_svc.app import App
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from ratelimit_svc.settings import Settings
-from ratelimit_svc.statsd import StatsdSink
+from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.stats.statsd import StatsdSink
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 8

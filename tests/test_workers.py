@@ -30,8 +30,9 @@ from xds_server import AdsServer, rate_limit_config, rule
 from ratelimit_svc.errors import SettingsError
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from ratelimit_svc.settings import Settings
-from ratelimit_svc.workers import AggregateStats, Report, reserve_port, usable_cpus, worker_count
+from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.workers.aggregation import AggregateStats, Report
+from ratelimit_svc.workers.supervisor import reserve_port, usable_cpus, worker_count
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER = rls_pb2.RateLimitResponse.OVER_LIMIT

@@ -26,27 +26,21 @@ from xds_protos import peer_env
 from xds_server import WAIT_SECONDS, AdsServer, rate_limit_config, rule
 
 from ratelimit_svc.backends.memory import MemoryStore
-from ratelimit_svc.config import ConfigFile, RateLimitConfig, Unit, load_config
+from ratelimit_svc.config.loader import ConfigFile, load_config
+from ratelimit_svc.config.rules import RateLimitConfig, Unit
+from ratelimit_svc.config.xds import TYPE_URL, Backoff, XdsConfigClient, load_resources
 from ratelimit_svc.errors import ConfigError, SettingsError
-from ratelimit_svc.grpc_server import start_grpc_server
-from ratelimit_svc.limiter import Limiter, LimiterOptions
+from ratelimit_svc.limiter.limiter import Limiter, LimiterOptions
 from ratelimit_svc.pb.envoy.config.core.v3 import base_pb2
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from ratelimit_svc.pb.envoy.service.discovery.v3 import ads_pb2, discovery_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from ratelimit_svc.pb.ratelimit.config.ratelimit.v3 import rls_conf_pb2
 from ratelimit_svc.pb.ratelimit.deps.google.rpc import status_pb2
+from ratelimit_svc.servers.grpc_aio import start_grpc_server
 from ratelimit_svc.service import RateLimitService
-from ratelimit_svc.settings import Settings
-from ratelimit_svc.stats import MemoryStats
-from ratelimit_svc.xds import (
-    STAT_LOAD_ERROR,
-    STAT_LOAD_SUCCESS,
-    TYPE_URL,
-    Backoff,
-    XdsConfigClient,
-    load_resources,
-)
+from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.stats.registry import STAT_LOAD_ERROR, STAT_LOAD_SUCCESS, MemoryStats
 
 TESTS = Path(__file__).resolve().parent
 MINUTE, HOUR, DAY, WEEK = rls_conf_pb2.MINUTE, rls_conf_pb2.HOUR, rls_conf_pb2.DAY, rls_conf_pb2.WEEK

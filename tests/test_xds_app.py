@@ -14,7 +14,7 @@ from xds_server import WAIT_SECONDS, AdsServer, rate_limit_config, rule
 from ratelimit_svc.app import App
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from ratelimit_svc.settings import Settings
+from ratelimit_svc.settings.model import Settings
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER = rls_pb2.RateLimitResponse.OVER_LIMIT

@@ -18,9 +18,9 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 
+from ratelimit_svc.config.xds import TYPE_URL
 from ratelimit_svc.pb.envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from ratelimit_svc.pb.ratelimit.config.ratelimit.v3 import rls_conf_pb2
-from ratelimit_svc.xds import TYPE_URL
 
 WAIT_SECONDS = 10.0
 

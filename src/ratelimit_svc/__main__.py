@@ -1,5 +1,5 @@
 """``python -m ratelimit_svc`` runs the service, like the ``ratelimit`` console script."""
 
-from .app import main
+from ratelimit_svc.main import main
 
 main()

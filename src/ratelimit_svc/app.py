@@ -13,27 +13,26 @@ import gc
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import backends
-from .config import RateLimitConfig
-from .debug_server import start_debug_server
-from .errors import ConfigError, RateLimitSvcError, SettingsError
-from .grpc_server import GrpcServer, start_grpc_server
-from .health import Health, monitor_backend
-from .http_server import Listener, start_http_server
-from .limiter import CounterStore, Limiter, LimiterOptions
-from .logsetup import configure_logging
-from .reload import ConfigWatcher
-from .runtime import RuntimeLocation, load_from_files
-from .service import RateLimitService, RequestLimits
-from .settings import Settings
-from .sinks import StatsReporter, start_reporter
-from .stats import (
+from ratelimit_svc import backends
+from ratelimit_svc.config.files import RuntimeLocation, load_from_files
+from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.config.watch import ConfigWatcher
+from ratelimit_svc.config.xds import XdsConfigClient
+from ratelimit_svc.errors import ConfigError
+from ratelimit_svc.limiter.limiter import Limiter, LimiterOptions
+from ratelimit_svc.limiter.store import CounterStore
+from ratelimit_svc.servers.debug import start_debug_server
+from ratelimit_svc.servers.grpc_aio import GrpcServer, start_grpc_server
+from ratelimit_svc.servers.health import Health, monitor_backend
+from ratelimit_svc.servers.http_api import Listener, start_http_server
+from ratelimit_svc.service import RateLimitService, RequestLimits
+from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.stats.registry import (
     STAT_LOAD_ERROR,
     STAT_LOAD_SUCCESS,
     MemoryStats,
@@ -41,12 +40,12 @@ from .stats import (
     local_cache_collector,
     redis_pool_collector,
 )
-from .xds import XdsConfigClient
+from ratelimit_svc.stats.reporter import StatsReporter, start_reporter
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
-    from .tracing import Tracing
+    from ratelimit_svc.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def limiter_options(settings: Settings) -> LimiterOptions:
     )
 
 
-async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+async def cancel_and_wait(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -170,7 +169,7 @@ class App:
                 name="health-backend-ping",
             ),
         ):
-            ops.push_async_callback(_cancel_and_wait, task)
+            ops.push_async_callback(cancel_and_wait, task)
         self.http = await start_http_server(self.service, self.health, settings.host, settings.port)
         ops.push_async_callback(self.http.close)
         self.debug = await start_debug_server(settings, lambda: self.config, self.stats.snapshot)
@@ -189,7 +188,9 @@ class App:
     def _traced_store(self, store: CounterStore) -> CounterStore:
         """The store the limiter uses: each round trip a span when TRACING_ENABLED."""
         if self.settings.tracing_enabled and self.tracing is None:
-            from .tracing import Tracing  # imported only now: no OpenTelemetry when tracing is off
+            from ratelimit_svc.tracing import (
+                Tracing,  # imported only now: no OpenTelemetry when tracing is off
+            )
 
             self.tracing = Tracing(self.settings, self._span_exporter)
         return store if self.tracing is None else self.tracing.wrap_store(store)
@@ -349,18 +350,3 @@ async def serve(settings: Settings, app_factory: Callable[[Settings], App] = App
             raise
 
 
-def main() -> None:
-    """Console script ``ratelimit``: configured only by environment variables."""
-    try:
-        settings = Settings.from_env(os.environ)
-    except SettingsError as exc:
-        print(f"ratelimit: {exc}", file=sys.stderr)
-        sys.exit(1)
-    configure_logging(settings)
-    try:
-        from .workers import run  # it builds on this module
-
-        run(settings, os.environ)  # WORKERS processes (one: just serve(settings))
-    except RateLimitSvcError as exc:
-        log.error("%s", exc)
-        sys.exit(1)

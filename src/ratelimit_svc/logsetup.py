@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TextIO
 
-from .settings import REDACTED, Settings
+from ratelimit_svc.settings.model import REDACTED, Settings
 
 LEVELS = {
     "TRACE": logging.DEBUG,

@@ -19,12 +19,13 @@ import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
-from .errors import BackendError, NoConfigError, RequestError
-from .limiter import Code, Decision, Limiter, Request, RequestDescriptor
-from .matching import Override
-from .pb.envoy.config.core.v3 import base_pb2
-from .pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from .rules import RateLimitConfig, Unit
+from ratelimit_svc.config.rules import RateLimitConfig, Unit
+from ratelimit_svc.errors import BackendError, NoConfigError, RequestError
+from ratelimit_svc.limiter.limiter import Decision, Limiter, Request, RequestDescriptor
+from ratelimit_svc.limiter.matching import Override
+from ratelimit_svc.limiter.windows import Code
+from ratelimit_svc.pb.envoy.config.core.v3 import base_pb2
+from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 log = logging.getLogger(__name__)
 

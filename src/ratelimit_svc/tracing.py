@@ -32,8 +32,8 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from .limiter import CounterStore, Increment
-from .settings import Settings
+from ratelimit_svc.limiter.store import CounterStore, Increment
+from ratelimit_svc.settings.model import Settings
 
 SERVICE_PREFIX = "/envoy.service.ratelimit.v3.RateLimitService/"
 

@@ -1,4 +1,4 @@
-"""Counter stores behind the limiter's ``CounterStore`` seam, chosen from one explicit table.
+"""Counter stores behind the limiter's ``CounterStore`` seam, chosen by BACKEND_TYPE in a ``match``.
 
 Optional backends are imported lazily so that a deployment only needs the client libraries of the
 backend it uses. Every store reached over the network is wrapped in a ``CircuitBreakerStore``
@@ -8,42 +8,41 @@ makes requests fail fast instead of piling up.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ..errors import SettingsError
+from ratelimit_svc.errors import SettingsError
 
 if TYPE_CHECKING:
-    from ..limiter import CounterStore
-    from ..settings import Settings
+    from ratelimit_svc.limiter.store import CounterStore
+    from ratelimit_svc.settings.model import Settings
 
-# BACKEND_TYPE → (module, factory). A factory is ``async def open_store(settings, clock)``.
-BACKENDS: dict[str, tuple[str, str]] = {
-    "memory": ("ratelimit_svc.backends.memory", "open_store"),
-    "redis": ("ratelimit_svc.backends.redis", "open_store"),
-    "memcache": ("ratelimit_svc.backends.memcache", "open_store"),
-}
-# Stores that live in the process: they cannot hang or fail, so they get no breaker.
-IN_PROCESS = frozenset({"memory"})
+BACKEND_TYPES = ("memory", "redis", "memcache")
 
 
 async def open_store(settings: Settings, clock: Callable[[], float]) -> CounterStore:
-    """Open the store that BACKEND_TYPE names (retrying its startup as the backend defines)."""
-    try:
-        module_name, factory_name = BACKENDS[settings.backend_type]
-    except KeyError:
-        raise SettingsError(
-            f"invalid value for BACKEND_TYPE: {settings.backend_type!r} "
-            f"(supported: {', '.join(sorted(BACKENDS))})"
-        ) from None
-    factory: Callable[..., Awaitable[Any]] = getattr(
-        importlib.import_module(module_name), factory_name
-    )
-    store: CounterStore = await factory(settings, clock)
-    if settings.backend_type in IN_PROCESS:
-        return store
-    from .breaker import CircuitBreakerStore
+    """Open the store that BACKEND_TYPE names (retrying its startup as the backend defines).
+    Each backend's module is imported only when chosen."""
+    store: CounterStore
+    match settings.backend_type:
+        case "memory":  # lives in the process: it cannot hang or fail, so it gets no breaker
+            from ratelimit_svc.backends import memory
+
+            return await memory.open_store(settings, clock)
+        case "redis":
+            from ratelimit_svc.backends import redis
+
+            store = await redis.open_store(settings, clock)
+        case "memcache":
+            from ratelimit_svc.backends.memcache import store as memcache
+
+            store = await memcache.open_store(settings, clock)
+        case other:
+            raise SettingsError(
+                f"invalid value for BACKEND_TYPE: {other!r} "
+                f"(supported: {', '.join(sorted(BACKEND_TYPES))})"
+            )
+    from ratelimit_svc.backends.breaker import CircuitBreakerStore
 
     return CircuitBreakerStore(
         store,

@@ -29,8 +29,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from ..errors import BackendError
-from ..limiter import CounterStore, Increment
+from ratelimit_svc.errors import BackendError
+from ratelimit_svc.limiter.store import CounterStore, Increment
 
 log = logging.getLogger(__name__)
 

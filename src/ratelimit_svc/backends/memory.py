@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from ..limiter import Increment
+from ratelimit_svc.limiter.store import Increment
 
 if TYPE_CHECKING:
-    from ..settings import Settings
+    from ratelimit_svc.settings.model import Settings
 
 SWEEP_INTERVAL_SECONDS = 1.0
 

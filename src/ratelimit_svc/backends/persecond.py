@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar, cast
 
-from ..limiter import CounterStore, Increment
+from ratelimit_svc.limiter.store import CounterStore, Increment
 
 PER_SECOND_WINDOW = 1
 

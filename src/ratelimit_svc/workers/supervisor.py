@@ -31,22 +31,15 @@ import os
 import pickle
 import socket
 import struct
-import sys
-from collections.abc import Coroutine, Mapping
-from dataclasses import replace
-from types import TracebackType
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Protocol
 
-from .app import App, serve
-from .errors import SettingsError
-from .logsetup import configure_logging
-from .rules import RateLimitConfig
-from .settings import Settings
-from .stats import MemoryStats, sanitize
+from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.errors import SettingsError
+from ratelimit_svc.settings.model import Settings
 
 log = logging.getLogger(__name__)
 
-REPORT_INTERVAL = 1.0  # seconds between a worker's stats reports to the primary
 RESTART_DELAY = 1.0  # before replacing a worker that died
 STOP_MARGIN = 10.0  # beyond drain and grace, how long the primary waits for workers to exit
 _FRAME = struct.Struct("!I")
@@ -83,21 +76,6 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
-def run(settings: Settings, env: Mapping[str, str]) -> None:
-    """The service: one process, or a primary and its workers (``env`` rebuilds the settings in
-    each worker, the environment being the one place settings come from)."""
-    count = worker_count(settings)
-    if count == 1:
-        run_loop(serve(settings))
-        return
-    reservation = reserve_port(settings.grpc_host, settings.grpc_port)
-    try:
-        settings = replace(settings, workers=count, grpc_port=reservation.getsockname()[1])
-        pool = WorkerPool(settings, dict(env), count - 1)
-        pool.start()  # before this process has any gRPC object (or even an event loop)
-        run_loop(serve(settings, app_factory=lambda s: PrimaryApp(s, pool)))
-    finally:
-        reservation.close()
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -123,6 +101,43 @@ def reserve_port(host: str, port: int) -> socket.socket:
     reservation.bind(address)
     return reservation
 
+
+
+class WorkerTarget(Protocol):
+    """A worker process's entry point (``roles.worker_main``): the supervisor only starts it."""
+
+    __module__: str
+
+    def __call__(
+        self, env: dict[str, str], count: int, port: int, index: int, sock: socket.socket
+    ) -> None: ...
+
+
+class Aggregate(Protocol):
+    """Where the workers' stats reports go (``aggregation.AggregateStats``)."""
+
+    def merge(
+        self,
+        worker: int,
+        counters: Mapping[str, int],
+        gauges: Mapping[str, int],
+        timers: Mapping[str, list[float]],
+    ) -> None: ...
+
+    def forget(self, worker: int) -> None: ...
+
+
+class Primary(Protocol):
+    """What the supervisor needs of the primary's app: its current config, where config changes
+    are announced, and where worker stats are summed."""
+
+    @property
+    def config(self) -> RateLimitConfig | None: ...
+
+    @property
+    def aggregate(self) -> Aggregate: ...
+
+    config_listeners: list[Callable[[RateLimitConfig | None], None]]
 
 # -- the link between the primary and a worker ----------------------------------------------------
 
@@ -164,79 +179,8 @@ class Link:
 # -- stats: what a worker reports, and their sum in the primary -----------------------------------
 
 
-class Report:
-    """A ``StatsSink`` that keeps what one ``MemoryStats.flush`` hands it, to send as a message."""
-
-    def __init__(self) -> None:
-        self.counters: dict[str, int] = {}
-        self.gauges: dict[str, int] = {}
-        self.timers: dict[str, list[float]] = {}
-
-    def flush_counter(self, name: str, value: int) -> None:
-        self.counters[name] = self.counters.get(name, 0) + value
-
-    def flush_gauge(self, name: str, value: int) -> None:
-        self.gauges[name] = value
-
-    def flush_timer(self, name: str, milliseconds: float) -> None:
-        samples = self.timers.get(name)
-        if samples is None:
-            samples = self.timers[name] = []
-        samples.append(milliseconds)
-
-    def take(self) -> tuple[str, dict[str, int], dict[str, int], dict[str, list[float]]]:
-        message = ("stats", self.counters, self.gauges, self.timers)
-        self.counters, self.gauges, self.timers = {}, {}, {}
-        return message
 
 
-class AggregateStats(MemoryStats):
-    """The primary's stats: its own plus every worker's. Counter deltas and timer samples are
-    added as they come; a gauge is the sum of the primary's value and each live worker's last
-    one (connections open, local cache entries), so every stat is the service's total."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._own_gauges: dict[str, int] = {}
-        self._worker_gauges: dict[int, dict[str, int]] = {}
-        self._worker_counter_totals: dict[str, int] = {}
-
-    def set_gauge(self, name: str, value: int) -> None:
-        name = sanitize(name)
-        self._own_gauges[name] = value
-        super().set_gauge(name, value + self._worker_gauge_sum(name))
-
-    def set_counter(self, name: str, total: int) -> None:
-        # A running total kept by one of the primary's own objects: the workers' share on top.
-        name = sanitize(name)
-        super().set_counter(name, total + self._worker_counter_totals.get(name, 0))
-
-    def merge(
-        self,
-        worker: int,
-        counters: Mapping[str, int],
-        gauges: Mapping[str, int],
-        timers: Mapping[str, list[float]],
-    ) -> None:
-        """Add one worker report."""
-        for name, delta in counters.items():
-            self._worker_counter_totals[name] = self._worker_counter_totals.get(name, 0) + delta
-            self.add(name, delta)
-        mine = self._worker_gauges.setdefault(worker, {})
-        mine.update(gauges)
-        for name in gauges:
-            super().set_gauge(name, self._own_gauges.get(name, 0) + self._worker_gauge_sum(name))
-        for name, samples in timers.items():
-            for milliseconds in samples:
-                self.observe_ms(name, milliseconds)
-
-    def forget(self, worker: int) -> None:
-        """A worker has exited: its gauges no longer count (its counters do)."""
-        for name in self._worker_gauges.pop(worker, {}):
-            super().set_gauge(name, self._own_gauges.get(name, 0) + self._worker_gauge_sum(name))
-
-    def _worker_gauge_sum(self, name: str) -> int:
-        return sum(g.get(name, 0) for g in self._worker_gauges.values())
 
 
 # -- the primary ----------------------------------------------------------------------------------
@@ -245,18 +189,28 @@ class AggregateStats(MemoryStats):
 class WorkerPool:
     """The primary's workers: started from a fork server, linked, replaced when they die."""
 
-    def __init__(self, settings: Settings, env: dict[str, str], count: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        env: dict[str, str],
+        count: int,
+        *,
+        target: WorkerTarget,
+        stop_grace: float,
+    ) -> None:
         self.settings = settings
         self.env = env
         self.count = count
+        self.target = target
+        self.stop_grace = stop_grace
         self._context = multiprocessing.get_context("forkserver")
         # Imported once in the fork server, so a worker starts from a warm copy.
-        self._context.set_forkserver_preload([__name__])
+        self._context.set_forkserver_preload([target.__module__])
         self._processes: dict[int, Any] = {}  # worker index -> multiprocessing.Process
         self._sockets: dict[int, socket.socket] = {}  # the primary's end, until linked
         self._links: dict[int, Link] = {}
         self._ready: set[int] = set()
-        self._app: PrimaryApp | None = None
+        self._app: Primary | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._all_exited = asyncio.Event()
@@ -268,7 +222,7 @@ class WorkerPool:
     def _spawn(self, index: int) -> None:
         ours, theirs = socket.socketpair()
         process = self._context.Process(
-            target=worker_main,
+            target=self.target,
             args=(self.env, self.settings.workers, self.settings.grpc_port, index, theirs),
             name=f"ratelimit-worker-{index}",
             daemon=True,  # should this process end without stopping it, it is terminated
@@ -283,7 +237,7 @@ class WorkerPool:
 
     # -- running inside the primary's event loop --
 
-    def attach(self, app: PrimaryApp) -> None:
+    def attach(self, app: Primary) -> None:
         """Start talking to the workers: each gets the current config, then every new one."""
         self._app = app
         app.config_listeners.append(self.publish_config)
@@ -371,7 +325,7 @@ class WorkerPool:
         """Wait until every worker has exited (killing any that outlives its drain), so that
         their last stats are in before the primary's final flush."""
         self.stop()
-        bound = self.settings.shutdown_drain_seconds + STOP_GRACE + STOP_MARGIN
+        bound = self.settings.shutdown_drain_seconds + self.stop_grace + STOP_MARGIN
         try:
             async with asyncio.timeout(bound):
                 await self._all_exited.wait()
@@ -389,125 +343,17 @@ class WorkerPool:
             sock.close()
 
 
-STOP_GRACE = 5.0  # as app.STOP_GRACE_SECONDS: in-flight RPCs get this long once listeners close
 
 
-class PrimaryApp(App):
-    """The process that was started: the whole App (gRPC included), whose stats also sum the
-    workers' and whose config reaches them; stopping it stops them."""
-
-    def __init__(self, settings: Settings, pool: WorkerPool) -> None:
-        super().__init__(settings)
-        self.aggregate = AggregateStats()
-        self.stats = self.aggregate
-        self.pool = pool
-
-    async def __aenter__(self) -> PrimaryApp:
-        await super().__aenter__()
-        self.pool.attach(self)
-        # Run when the App closes its operations: after its own listeners stopped, before the
-        # store and the final stats flush (so the workers' last reports are in it).
-        self._operations.push_async_callback(self.pool.wait_stopped)
-        return self
-
-    def stop(self) -> None:
-        super().stop()
-        self.pool.stop()
 
 
 # -- a worker -------------------------------------------------------------------------------------
 
 
-def worker_main(
-    env: dict[str, str], count: int, port: int, index: int, sock: socket.socket
-) -> None:
-    """A worker process: the primary's settings (same environment), one shared port, no sink."""
-    settings = replace(Settings.from_env(env), workers=count, grpc_port=port, disable_stats=True)
-    configure_logging(settings)
-    try:
-        run_loop(_serve_worker(settings, index, sock))
-    except Exception:
-        log.exception("gRPC worker %d failed", index)
-        sys.exit(1)
 
 
-async def _serve_worker(settings: Settings, index: int, sock: socket.socket) -> None:
-    link = await Link.open(sock)
-    message = await link.receive()
-    if message is None or message[0] != "config":
-        return  # the primary is gone before it sent anything
-    await serve(settings, app_factory=lambda s: WorkerApp(s, link, message[1]))
 
 
-class WorkerApp(App):
-    """A gRPC worker: App's store, limiter, service and gRPC listener; no HTTP, debug port,
-    config watcher or sink (the primary has them). Configs come from the primary, stats go to
-    it, and it drains when the primary says so or goes away."""
-
-    def __init__(self, settings: Settings, link: Link, config: RateLimitConfig | None) -> None:
-        super().__init__(settings)
-        self.link = link
-        self._initial_config = config
-        self._report = Report()
-        self.stats.sink = self._report
-
-    async def _load_initial_config(self) -> None:
-        """The primary's current config: it alone loads files or follows xDS."""
-        self.config = self._initial_config
-
-    def reload(self) -> bool:
-        """Configs come from the primary (``_listen``): nothing to load here."""
-        return self.config is not None
-
-    async def _start_operations(self) -> None:
-        """Health (both backend pings and the gRPC health service), the link to the primary."""
-        assert self.store is not None and self.grpc is not None
-        from .health import monitor_backend
-
-        self.health.observe(self.grpc.set_serving)
-        loop = asyncio.get_running_loop()
-        for task in (
-            loop.create_task(self.health.run(), name="health-publish"),
-            loop.create_task(
-                monitor_backend(
-                    self.store, self.health, ping_timeout=self.settings.redis_op_timeout
-                ),
-                name="health-backend-ping",
-            ),
-            loop.create_task(self._listen(), name="primary-link"),
-            loop.create_task(self._report_forever(), name="stats-report"),
-        ):
-            self._operations.push_async_callback(_cancel_and_wait, task)
-        self.link.send(("ready", os.getpid()))
-
-    async def _listen(self) -> None:
-        while (message := await self.link.receive()) is not None:
-            if message[0] == "config":
-                self.config = message[1]
-            elif message[0] == "stop":
-                self.stop()
-        self.stop()  # the primary is gone: drain and exit rather than serve orphaned
-
-    async def _report_forever(self) -> None:
-        while True:
-            await asyncio.sleep(REPORT_INTERVAL)
-            self._send_report()
-
-    def _send_report(self) -> None:
-        self.stats.flush()
-        self.link.send(self._report.take())
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            await super().__aexit__(exc_type, exc, tb)
-        finally:
-            self._send_report()  # the last counts, after the last RPC finished
-            await self.link.close()
 
 
 async def _exited(process: Any) -> None:
@@ -527,8 +373,3 @@ async def _exited(process: Any) -> None:
         loop.remove_reader(process.sentinel)
     process.join()
 
-
-async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

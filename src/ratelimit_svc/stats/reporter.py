@@ -15,9 +15,9 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from .errors import SettingsError
-from .settings import Settings
-from .stats import MemoryStats, StatsSink
+from ratelimit_svc.errors import SettingsError
+from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.stats.registry import MemoryStats, StatsSink
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class RunningSink(StatsSink, Protocol):
 
 
 def _statsd(settings: Settings, stats: MemoryStats) -> RunningSink:
-    from .statsd import StatsdSink
+    from ratelimit_svc.stats.statsd import StatsdSink
 
     return StatsdSink(
         settings.statsd_host,
@@ -42,7 +42,7 @@ def _statsd(settings: Settings, stats: MemoryStats) -> RunningSink:
 
 
 def _dogstatsd(settings: Settings, stats: MemoryStats) -> RunningSink:
-    from .statsd import StatsdSink
+    from ratelimit_svc.stats.statsd import StatsdSink
 
     if settings.use_dog_statsd_mogrifiers:
         # The DOG_STATSD_MOGRIFIER_<NAME>_{PATTERN,NAME,TAGS} definitions are not read by
@@ -60,7 +60,7 @@ def _dogstatsd(settings: Settings, stats: MemoryStats) -> RunningSink:
 
 
 def _prometheus(settings: Settings, stats: MemoryStats) -> RunningSink:
-    from .prometheus import PrometheusSink
+    from ratelimit_svc.stats.prometheus import PrometheusSink
 
     return PrometheusSink(
         settings.prometheus_addr,

@@ -44,7 +44,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from .runtime import RuntimeLocation
+from ratelimit_svc.config.files import RuntimeLocation
 
 log = logging.getLogger(__name__)
 

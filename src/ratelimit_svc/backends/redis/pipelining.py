@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from ..errors import BackendError
+from ratelimit_svc.errors import BackendError
 
 Command = tuple[str | int, ...]
 Send = Callable[[Sequence[Command]], Awaitable[list[Any]]]

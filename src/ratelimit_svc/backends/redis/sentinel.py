@@ -36,8 +36,7 @@ from redis.asyncio.sentinel import (
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ..errors import BackendError
-from .redis import (
+from ratelimit_svc.backends.redis.connection import (
     Command,
     CommandStore,
     CountedConnection,
@@ -49,9 +48,10 @@ from .redis import (
     split_host_port,
     tls_options,
 )
+from ratelimit_svc.errors import BackendError
 
 if TYPE_CHECKING:
-    from ..settings import RedisSettings
+    from ratelimit_svc.settings.model import RedisSettings
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigFile, RateLimitConfig, load_config
-from .errors import ConfigError
+from ratelimit_svc.config.loader import ConfigFile, load_config
+from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from http import HTTPStatus
 from aiohttp import web
 from google.protobuf import json_format
 
-from .errors import BackendError, NoConfigError, RequestError
-from .health import Health
-from .limiter import Code
-from .pb.envoy.service.ratelimit.v3 import rls_pb2
-from .service import RateLimitService, request_from_proto, response_to_proto
+from ratelimit_svc.errors import BackendError, NoConfigError, RequestError
+from ratelimit_svc.limiter.windows import Code
+from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2
+from ratelimit_svc.servers.health import Health
+from ratelimit_svc.service import RateLimitService, request_from_proto, response_to_proto
 
 log = logging.getLogger(__name__)
 

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
-from .errors import NoConfigError, RequestError
-from .fixed_window import Code, RuleCounts, decide, near_threshold
-from .localcache import LocalCache
-from .matching import Entry, Match, Override, match
-from .rules import RateLimitConfig, Rule, Unit
+from ratelimit_svc.config.rules import RateLimitConfig, Rule, Unit
+from ratelimit_svc.errors import NoConfigError, RequestError
+from ratelimit_svc.limiter.localcache import LocalCache
+from ratelimit_svc.limiter.matching import Entry, Match, Override, match
+from ratelimit_svc.limiter.store import CounterStore, Increment
+from ratelimit_svc.limiter.windows import Code, RuleCounts, decide, near_threshold
 
 __all__ = [
     "MAX_UINT32",
     "Code",
-    "CounterStore",
     "Decision",
-    "Increment",
     "Limiter",
     "LimiterOptions",
     "Request",
@@ -40,34 +39,8 @@ __all__ = [
 MAX_UINT32 = 2**32 - 1
 
 
-class Increment(NamedTuple):
-    """Add ``hits`` to counter ``key``, whose window is ``window`` seconds long; the counter may be
-    dropped ``ttl`` seconds from now (window length plus jitter)."""
-
-    key: str
-    hits: int
-    window: int
-    ttl: int
 
 
-class CounterStore(Protocol):
-    """The whole backend contract. All rate-limit logic lives in this module, never in a store."""
-
-    async def increment(self, increments: Sequence[Increment]) -> list[int]:
-        """Apply every increment in one round trip; return each counter's value after it."""
-        ...
-
-    async def get(self, keys: Sequence[str]) -> list[int]:
-        """Current values of the counters (0 for a missing one), in one round trip."""
-        ...
-
-    async def ping(self) -> None:
-        """Raise BackendError unless the backend answers."""
-        ...
-
-    async def close(self) -> None:
-        """Release connections and background tasks."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .rules import Node, RateLimitConfig, Rule, Unit
+from ratelimit_svc.config.rules import Node, RateLimitConfig, Rule, Unit
 
 Entry = tuple[str, str]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Annotated, Any, TypeVar, get_args, get_origin, get_type_hints
 
-from .errors import SettingsError
+from ratelimit_svc.errors import SettingsError
 
 REDACTED = "<redacted>"
 _N = TypeVar("_N", int, float)

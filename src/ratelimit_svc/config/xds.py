@@ -25,15 +25,16 @@ import yaml
 from google.protobuf import json_format, message
 from google.protobuf.struct_pb2 import Struct
 
-from . import __version__
-from .config import ConfigFile, RateLimitConfig, load_config
-from .errors import ConfigError, SettingsError
-from .pb.envoy.config.core.v3 import base_pb2
-from .pb.envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from .pb.ratelimit.config.ratelimit.v3 import rls_conf_pb2
-from .pb.ratelimit.deps.google.rpc import status_pb2
-from .settings import Settings
-from .stats import STAT_LOAD_ERROR, STAT_LOAD_SUCCESS
+from ratelimit_svc import __version__
+from ratelimit_svc.config.loader import ConfigFile, load_config
+from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.errors import ConfigError, SettingsError
+from ratelimit_svc.pb.envoy.config.core.v3 import base_pb2
+from ratelimit_svc.pb.envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from ratelimit_svc.pb.ratelimit.config.ratelimit.v3 import rls_conf_pb2
+from ratelimit_svc.pb.ratelimit.deps.google.rpc import status_pb2
+from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.stats.registry import STAT_LOAD_ERROR, STAT_LOAD_SUCCESS
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import grpc
 
-from .errors import SettingsError
-from .settings import Settings
+from ratelimit_svc.errors import SettingsError
+from ratelimit_svc.settings.model import Settings
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from ..errors import BackendError
+from ratelimit_svc.errors import BackendError
 
 _T = TypeVar("_T")
 

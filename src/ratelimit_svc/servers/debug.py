@@ -26,9 +26,9 @@ from types import FrameType
 
 from aiohttp import web
 
-from .http_server import Listener, start_listener
-from .rules import RateLimitConfig
-from .settings import Settings
+from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.servers.http_api import Listener, start_listener
+from ratelimit_svc.settings.model import Settings
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,15 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
-from .rules import EMPTY_CONFIG, Node, RateLimitConfig, Rule, Unit, wildcard_pattern
+from ratelimit_svc.config.rules import (
+    EMPTY_CONFIG,
+    Node,
+    RateLimitConfig,
+    Rule,
+    Unit,
+    wildcard_pattern,
+)
+from ratelimit_svc.errors import ConfigError
 
 __all__ = [
     "EMPTY_CONFIG",

@@ -1,18 +1,24 @@
-"""The command-line tools of SPEC 10: ``ratelimit-config-check`` and ``ratelimit-client``.
-
-Both accept the reference's flag names in single- and double-dash form (``-config_dir`` and
-``--config_dir``), print the reference's lines, and exit 1 on error.
-"""
+"""The console scripts: ``ratelimit`` (the service), ``ratelimit-config-check`` and
+``ratelimit-client`` (docs/operations.md). The two tools accept the reference's flag names in
+single- and double-dash form (``-config_dir`` and ``--config_dir``), print the reference's lines,
+and exit 1 on error."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ConfigFile, load_config
-from .errors import ConfigError
+from ratelimit_svc.config.loader import ConfigFile, load_config
+from ratelimit_svc.errors import ConfigError, RateLimitSvcError, SettingsError
+from ratelimit_svc.logsetup import configure_logging
+from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.workers.roles import run
+
+log = logging.getLogger(__name__)
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
@@ -66,8 +72,8 @@ def client_main(argv: Sequence[str] | None = None) -> None:
     import grpc
     from google.protobuf import text_format
 
-    from .pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
-    from .pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+    from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+    from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
     parser = argparse.ArgumentParser(
         prog="ratelimit-client", description="Send one ShouldRateLimit request, print the answer."
@@ -130,3 +136,18 @@ def client_main(argv: Sequence[str] | None = None) -> None:
             print(f"request error: {exc.code().name}: {exc.details()}")
             sys.exit(1)
     print("response: " + text_format.MessageToString(response, as_one_line=False))
+
+
+def main() -> None:
+    """Console script ``ratelimit``: configured only by environment variables."""
+    try:
+        settings = Settings.from_env(os.environ)
+    except SettingsError as exc:
+        print(f"ratelimit: {exc}", file=sys.stderr)
+        sys.exit(1)
+    configure_logging(settings)
+    try:
+        run(settings, os.environ)  # WORKERS processes (one: just serve(settings))
+    except RateLimitSvcError as exc:
+        log.error("%s", exc)
+        sys.exit(1)

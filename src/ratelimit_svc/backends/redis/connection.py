@@ -1,25 +1,15 @@
-"""Counters in Redis (BACKEND_TYPE=redis; SPEC 6.2 and 12): the store for REDIS_TYPE=single and
-the pieces every Redis type shares.
-
-``ServerPool`` is a bounded redis-py connection pool to one server, reached by TCP (optionally TLS,
-with a CA, a client certificate and optional hostname checking) or a unix socket, authenticated by
-password or ``user:password``; its ``exchange`` writes a batch of commands at once and reads every
-reply on one pooled connection. A connection that fails, times out or is cancelled mid-exchange
-is closed before it returns to the pool, so no later call can read a stale reply; nothing is ever
-retried, so no increment is applied twice. ``CommandStore`` turns the ``CounterStore`` contract
-into commands (INCRBY+EXPIRE per key, MGET, PING), bounds every call by the operation timeout and,
-with REDIS_PIPELINE_WINDOW, coalesces concurrent calls (``pipelining``). ``RedisStore`` is the
-single-server store; ``redis_sentinel`` and ``redis_cluster`` build the other types from the same
-pieces, and ``open_store`` picks by REDIS_TYPE (and REDIS_PERSECOND, ``persecond``). Startup
-retries PING with exponential backoff. Credentials never reach logs, exception messages or ``repr``.
-"""
+"""What every Redis store type shares: ``ServerPool`` (a bounded connection pool to one server by
+TCP, TLS or unix socket, authenticated by password or ``user:password``, whose ``exchange`` writes a
+batch of commands at once and reads every reply on one connection; a connection that fails, times
+out or is cancelled mid-exchange is closed, so no stale reply is read and nothing is retried) and
+``CommandStore`` (the ``CounterStore`` contract as INCRBY+EXPIRE, MGET and PING, bounded by the
+operation timeout, optionally coalesced). Credentials never reach logs or ``repr``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from redis.asyncio.connection import (
@@ -33,12 +23,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from ..errors import BackendError
-from ..limiter import CounterStore, Increment
-from .pipelining import Coalescer
+from ratelimit_svc.backends.redis.pipelining import Coalescer
+from ratelimit_svc.errors import BackendError
+from ratelimit_svc.limiter.store import Increment
 
 if TYPE_CHECKING:
-    from ..settings import RedisSettings, Settings
+    from ratelimit_svc.settings.model import RedisSettings
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +89,7 @@ class _TlsConnection(CountedConnection, SSLConnection):
     pass
 
 
-class _UnixConnection(CountedConnection, UnixDomainSocketConnection):
+class UnixConnection(CountedConnection, UnixDomainSocketConnection):
     pass
 
 
@@ -164,7 +154,7 @@ def connection_options(
     if cfg.socket_type == "unix" and not tcp:
         if cfg.tls:
             raise BackendError("redis: REDIS_TLS is not supported with REDIS_SOCKET_TYPE=unix")
-        return _UnixConnection, kwargs
+        return UnixConnection, kwargs
     if not cfg.tls:
         return _TcpConnection, kwargs
     kwargs.update(tls_options(cfg))
@@ -353,141 +343,9 @@ class CommandStore:
             ) from None
 
 
-class RedisStore(CommandStore):
-    """Counters in one Redis (REDIS_TYPE=single). Sockets open lazily; see ``open_redis_store``."""
-
-    def __init__(self, cfg: RedisSettings, *, op_timeout: float) -> None:
-        if cfg.type != "single":
-            raise BackendError(f"redis: RedisStore is for REDIS_TYPE=single, not '{cfg.type}'")
-        super().__init__(
-            op_timeout=op_timeout,
-            pipeline_window=cfg.pipeline_window,
-            pipeline_limit=cfg.pipeline_limit,
-        )
-        self._stats = PoolStats()
-        self._redactor = Redactor(cfg.auth)
-        connection_class, kwargs = connection_options(
-            cfg, op_timeout=op_timeout, pool_stats=self._stats
-        )
-        if connection_class is _UnixConnection:
-            kwargs["path"] = cfg.url
-        else:
-            host, port = split_host_port(cfg.url)
-            kwargs.update(host=host, port=port)
-        self.address = cfg.url
-        self._server = ServerPool.create(
-            cfg.url, connection_class, kwargs, pool_size=cfg.pool_size, redact=self._redactor
-        )
-        self._description = (
-            f"{cfg.socket_type}{'+tls' if cfg.tls else ''} {self.address}, "
-            f"pool_size={max(cfg.pool_size, 1)}"
-        )
-
-    def __repr__(self) -> str:
-        return f"RedisStore({self._description})"
-
-    def _redact(self, text: str) -> str:
-        return self._redactor(text)
-
-    async def _send(self, commands: Sequence[Command]) -> list[Any]:
-        return await self._server.exchange(commands)
-
-    async def close(self) -> None:
-        await super().close()
-        await self._server.close()
-
-    def pool_stats(self) -> dict[str, int]:
-        """Open connections, connections ever opened, and those closed from this side."""
-        return self._stats.as_dict()
 
 
-def create_redis_store(cfg: RedisSettings, *, op_timeout: float) -> CommandStore:
-    """The store for ``cfg.type`` (single, sentinel or cluster); no I/O yet."""
-    if cfg.type == "single":
-        return RedisStore(cfg, op_timeout=op_timeout)
-    if cfg.type == "sentinel":
-        from .redis_sentinel import SentinelStore
-
-        return SentinelStore(cfg, op_timeout=op_timeout)
-    if cfg.type == "cluster":
-        from .redis_cluster import ClusterStore
-
-        return ClusterStore(cfg, op_timeout=op_timeout)
-    raise BackendError(f"redis: unknown REDIS_TYPE '{cfg.type}'")
 
 
-async def open_redis_store(
-    cfg: RedisSettings,
-    *,
-    op_timeout: float,
-    startup_initial_interval: float,
-    startup_max_interval: float,
-    startup_max_elapsed: float,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> CommandStore:
-    """A store for ``cfg`` (any REDIS_TYPE) whose backend has answered PING.
-
-    Failed attempts are retried after ``startup_initial_interval``, doubling up to
-    ``startup_max_interval``; after ``startup_max_elapsed`` seconds (0 = never) the last error is
-    raised as BackendError. Elapsed time counts both the sleeps and the attempts, so an injected
-    ``sleep`` makes the schedule exact in tests.
-    """
-    if startup_initial_interval <= 0:
-        raise ValueError("startup_initial_interval must be positive")
-    store = create_redis_store(cfg, op_timeout=op_timeout)
-    started = time.monotonic()
-    slept = 0.0
-    interval = startup_initial_interval
-    attempt = 0
-    try:
-        while True:
-            attempt += 1
-            try:
-                await store.ping()
-            except BackendError as exc:
-                elapsed = max(time.monotonic() - started, slept)
-                remaining = startup_max_elapsed - elapsed
-                if startup_max_elapsed > 0 and remaining <= 0:
-                    raise BackendError(
-                        f"{exc} (gave up after {attempt} attempts in {elapsed:.3g}s)"
-                    ) from None
-                delay = min(interval, remaining) if startup_max_elapsed > 0 else interval
-                log.warning(
-                    "redis not ready (attempt %d): %s; retrying in %.3gs", attempt, exc, delay
-                )
-                await sleep(delay)
-                slept += delay
-                interval = min(interval * 2, startup_max_interval)
-            else:
-                if attempt > 1:
-                    log.info("redis %s ready after %d attempts", store.address, attempt)
-                return store
-    except BaseException:
-        await store.close()
-        raise
 
 
-async def open_store(settings: Settings, clock: Callable[[], float]) -> CounterStore:
-    """The backend table's factory: REDIS_* (and with REDIS_PERSECOND=true, REDIS_PERSECOND_*
-    for SECOND-unit counters), REDIS_OP_TIMEOUT and the startup backoff."""
-
-    async def open_one(cfg: RedisSettings) -> CounterStore:
-        return await open_redis_store(
-            cfg,
-            op_timeout=settings.redis_op_timeout,
-            startup_initial_interval=settings.redis_startup_initial_interval,
-            startup_max_interval=settings.redis_startup_max_interval,
-            startup_max_elapsed=settings.redis_startup_max_elapsed_time,
-        )
-
-    main = await open_one(settings.redis)
-    if not settings.redis_persecond:
-        return main
-    from .persecond import PerSecondStore
-
-    try:
-        per_second = await open_one(settings.redis_persecond_settings)
-    except BaseException:
-        await main.close()
-        raise
-    return PerSecondStore(main, per_second)

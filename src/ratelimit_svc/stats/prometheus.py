@@ -37,8 +37,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from .errors import SettingsError
-from .stats import DEFAULT_MAX_KEYS, PER_KEY_PREFIX, RULE_STATS
+from ratelimit_svc.errors import SettingsError
+from ratelimit_svc.stats.registry import DEFAULT_MAX_KEYS, PER_KEY_PREFIX, RULE_STATS
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING, Any
 from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError
 
-from ..errors import BackendError
-from .redis import (
+from ratelimit_svc.backends.redis.connection import (
     Command,
     CommandStore,
     PoolStats,
@@ -44,9 +43,10 @@ from .redis import (
     connection_options,
     split_host_port,
 )
+from ratelimit_svc.errors import BackendError
 
 if TYPE_CHECKING:
-    from ..settings import RedisSettings
+    from ratelimit_svc.settings.model import RedisSettings
 
 log = logging.getLogger(__name__)
 

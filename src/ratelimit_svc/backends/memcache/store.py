@@ -35,9 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
-from ..errors import BackendError
-from ..limiter import Increment
-from .memcache_client import (
+from ratelimit_svc.backends.memcache.client import (
     Server,
     SrvResolver,
     check_srv_name,
@@ -47,11 +45,13 @@ from .memcache_client import (
     servers_from_srv,
     tls_context,
 )
+from ratelimit_svc.errors import BackendError
+from ratelimit_svc.limiter.store import Increment
 
 if TYPE_CHECKING:
     import ssl
 
-    from ..settings import Settings
+    from ratelimit_svc.settings.model import Settings
 
 log = logging.getLogger(__name__)
 

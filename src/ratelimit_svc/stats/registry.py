@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Protocol
 
-from .limiter import RuleCounts
+from ratelimit_svc.limiter.windows import RuleCounts
 
 RULE_STATS = tuple(f.name for f in fields(RuleCounts))
 # Counted by whichever loader swaps a config in: the file reloader (app) or the xDS client.

@@ -10,9 +10,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from . import tls
-from .service import RateLimitService, add_to_server
-from .settings import Settings
+from ratelimit_svc.servers import tls
+from ratelimit_svc.service import RateLimitService, add_to_server
+from ratelimit_svc.settings.model import Settings
 
 log = logging.getLogger(__name__)
 

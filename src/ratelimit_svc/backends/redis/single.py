@@ -1,0 +1,75 @@
+"""The store for REDIS_TYPE=single: one server, reached through a ``ServerPool``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ratelimit_svc.backends.redis.connection import (
+    Command,
+    CommandStore,
+    PoolStats,
+    Redactor,
+    ServerPool,
+    UnixConnection,
+    connection_options,
+    split_host_port,
+)
+from ratelimit_svc.errors import BackendError
+
+if TYPE_CHECKING:
+    from ratelimit_svc.settings.model import RedisSettings
+
+
+class RedisStore(CommandStore):
+    """Counters in one Redis (REDIS_TYPE=single). Sockets open lazily; see ``open_redis_store``."""
+
+    def __init__(self, cfg: RedisSettings, *, op_timeout: float) -> None:
+        if cfg.type != "single":
+            raise BackendError(f"redis: RedisStore is for REDIS_TYPE=single, not '{cfg.type}'")
+        super().__init__(
+            op_timeout=op_timeout,
+            pipeline_window=cfg.pipeline_window,
+            pipeline_limit=cfg.pipeline_limit,
+        )
+        self._stats = PoolStats()
+        self._redactor = Redactor(cfg.auth)
+        connection_class, kwargs = connection_options(
+            cfg, op_timeout=op_timeout, pool_stats=self._stats
+        )
+        if connection_class is UnixConnection:
+            kwargs["path"] = cfg.url
+        else:
+            host, port = split_host_port(cfg.url)
+            kwargs.update(host=host, port=port)
+        self.address = cfg.url
+        self._server = ServerPool.create(
+            cfg.url, connection_class, kwargs, pool_size=cfg.pool_size, redact=self._redactor
+        )
+        self._description = (
+            f"{cfg.socket_type}{'+tls' if cfg.tls else ''} {self.address}, "
+            f"pool_size={max(cfg.pool_size, 1)}"
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._description})"
+
+    def _redact(self, text: str) -> str:
+        return self._redactor(text)
+
+    async def _send(self, commands: Sequence[Command]) -> list[Any]:
+        return await self._server.exchange(commands)
+
+    async def close(self) -> None:
+        await super().close()
+        await self._server.close()
+
+    def pool_stats(self) -> dict[str, int]:
+        """Open connections, connections ever opened, and those closed from this side."""
+        return self._stats.as_dict()
+
+
+
+
+
+

@@ -1,0 +1,37 @@
+"""The counter-store contract: the few async methods every backend implements. All rate-limit
+logic lives in ``limiter.limiter``; a store only adds numbers to keys (docs/architecture.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+
+class Increment(NamedTuple):
+    """Add ``hits`` to counter ``key``, whose window is ``window`` seconds long; the counter may be
+    dropped ``ttl`` seconds from now (window length plus jitter)."""
+
+    key: str
+    hits: int
+    window: int
+    ttl: int
+
+
+class CounterStore(Protocol):
+    """The whole backend contract."""
+
+    async def increment(self, increments: Sequence[Increment]) -> list[int]:
+        """Apply every increment in one round trip; return each counter's value after it."""
+        ...
+
+    async def get(self, keys: Sequence[str]) -> list[int]:
+        """Current values of the counters (0 for a missing one), in one round trip."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise BackendError unless the backend answers."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and background tasks."""
+        ...

@@ -1,0 +1,2 @@
+"""The listeners: gRPC (ShouldRateLimit and health), the HTTP API, the debug port, TLS and health
+state (docs/operations.md)."""

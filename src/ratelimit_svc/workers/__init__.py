@@ -1,0 +1,2 @@
+"""Several processes sharing the gRPC port (WORKERS): the supervisor, the primary and worker roles,
+and stats aggregation (docs/operations.md)."""
