@@ -13,7 +13,7 @@ export RUNTIME_APPDIRECTORY ?= .
 export USE_STATSD ?= false
 export LOG_LEVEL ?= INFO
 
-.PHONY: setup run test unit lint proto clean
+.PHONY: setup run test test-unit unit lint proto clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test: lint unit
 
 unit: $(STAMP)
 	$(BIN)/pytest -n auto -q
+
+# The fast loop: tests/unit only (no processes, no network sockets; seconds).
+test-unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts

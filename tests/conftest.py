@@ -1,37 +1,27 @@
-"""Shared fixtures: a fake clock here; real servers come from the fixture modules imported below."""
+"""Fixtures for every tier, registered as plugins (no re-exports): the fake clock and the real
+servers (tests/support). Tiers: tests/unit (no processes, no network sockets; `make test-unit`),
+tests/integration (real Redis, memcached, service processes), tests/e2e (the real Envoy)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from cluster_fixtures import (  # noqa: F401
-    redis_cluster,
-    redis_cluster_factory,
-    redis_sentinel,
-    redis_sentinel_factory,
-)
-from memcache_fixtures import memcached_factory, memcached_server  # noqa: F401
-from redis_fixtures import (  # noqa: F401
-    redis_db,
-    redis_server,
-    redis_server_factory,
-    redis_url,
-    socket_writes,
-)
+
+pytest_plugins = [
+    "support.clock",
+    "support.redis_fixtures",
+    "support.cluster_fixtures",
+    "support.memcache_fixtures",
+]
+
+TIERS = ("unit", "integration", "e2e", "differential")
 
 
-class FakeClock:
-    """Unix time that only moves when a test says so."""
-
-    def __init__(self, now: float = 1700000005.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its tier (its folder), so `-m unit` selects a tier too."""
+    root = Path(__file__).parent
+    for item in items:
+        parts = Path(item.fspath).relative_to(root).parts
+        if parts and parts[0] in TIERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))

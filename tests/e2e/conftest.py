@@ -2,7 +2,7 @@
 (``python -m ratelimit_svc``), Redis and the echo upstream, all on free loopback ports.
 
 Ports are never guessed: the service and Envoy bind port 0 and report what they got (see
-scripts/stack.py), the upstream runs in a thread here, and Redis comes from tests/redis_fixtures.py.
+scripts/stack.py), the upstream runs in a thread here, and Redis comes from tests/support/redis_fixtures.py.
 
 - ``envoy_stack`` (function; one stack per xdist worker, started once): Envoy rendered from
   envoy/envoy.tmpl.yaml in front of the service with the rules in config/, on the Redis backend
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from redis_fixtures import RedisServer, find_redis_server
+from support.redis_fixtures import RedisServer, find_redis_server
 
 from .stacks import EnvoyStack, Stacks, make_upstream
 

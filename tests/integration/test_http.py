@@ -1,0 +1,166 @@
+"""The HTTP port (SPEC 8): /healthcheck and /json through a real aiohttp client."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from support.clock import FakeClock
+from support.redis_fixtures import RedisServer
+from support.service_env import base_env, config_dir_env
+
+from ratelimit_svc.app import App
+from ratelimit_svc.settings.model import Settings
+
+
+@pytest.fixture
+async def app(tmp_path: Path, clock: FakeClock) -> AsyncIterator[App]:
+    runtime, _ = config_dir_env(tmp_path)
+    env = base_env(**runtime, LIMIT_RESPONSE_HEADERS_ENABLED="true")
+    async with App(Settings.from_env(env), clock=clock) as running:
+        yield running
+
+
+@pytest.fixture
+async def http(app: App) -> AsyncIterator[aiohttp.ClientSession]:
+    assert app.http is not None
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{app.http.port}") as session:
+        yield session
+
+
+async def post_json(http: aiohttp.ClientSession, body: Any) -> tuple[int, str]:
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    async with http.post("/json", data=data) as response:
+        return response.status, await response.text()
+
+
+BASIC = {"domain": "basic", "descriptors": [{"entries": [{"key": "key1", "value": "a"}]}]}
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "HEAD", "PUT"])
+async def test_healthcheck_answers_ok_to_any_method(http: aiohttp.ClientSession, method: str) -> None:
+    async with http.request(method, "/healthcheck") as response:
+        assert response.status == 200
+        if method != "HEAD":
+            assert await response.text() == "OK"
+
+
+async def test_json_ok_is_proto_json_with_camel_case_enums_and_durations(http: aiohttp.ClientSession) -> None:
+    status, body = await post_json(http, BASIC)
+    assert status == 200
+    assert json.loads(body) == {
+        "overallCode": "OK",
+        "statuses": [
+            {
+                "code": "OK",
+                "currentLimit": {"requestsPerUnit": 2, "unit": "MINUTE"},
+                "limitRemaining": 1,
+                "durationUntilReset": "35s",
+            }
+        ],
+        "responseHeadersToAdd": [
+            {"key": "RateLimit-Limit", "value": "2"},
+            {"key": "RateLimit-Remaining", "value": "1"},
+            {"key": "RateLimit-Reset", "value": "35"},
+        ],
+    }
+
+
+async def test_json_over_limit_is_429(http: aiohttp.ClientSession) -> None:
+    for _ in range(2):
+        assert (await post_json(http, BASIC))[0] == 200
+    status, body = await post_json(http, BASIC)
+    assert status == 429
+    answer = json.loads(body)
+    assert answer["overallCode"] == "OVER_LIMIT"
+    # limitRemaining 0 is a default value: omitted, as protojson does.
+    assert answer["statuses"] == [
+        {
+            "code": "OVER_LIMIT",
+            "currentLimit": {"requestsPerUnit": 2, "unit": "MINUTE"},
+            "durationUntilReset": "35s",
+        }
+    ]
+
+
+async def test_json_accepts_proto_field_names(http: aiohttp.ClientSession) -> None:
+    body = {
+        "domain": "basic",
+        "descriptors": [{"entries": [{"key": "key1", "value": "b"}], "hits_addend": 2}],
+    }
+    status, text = await post_json(http, body)
+    assert status == 200
+    assert json.loads(text)["statuses"][0] == {
+        "code": "OK",
+        "currentLimit": {"requestsPerUnit": 2, "unit": "MINUTE"},
+        "durationUntilReset": "35s",
+    }  # two hits at once: none remaining (a default value, so omitted)
+    status, _ = await post_json(http, body)
+    assert status == 429
+
+
+async def test_json_unknown_domain_is_ok_without_limit(http: aiohttp.ClientSession) -> None:
+    status, body = await post_json(http, {**BASIC, "domain": "nowhere"})
+    assert status == 200
+    assert json.loads(body) == {"overallCode": "OK", "statuses": [{"code": "OK"}]}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "not json",
+        b"\xff\xfe",
+        "[1, 2]",
+        {**BASIC, "colour": "blue"},
+        {"domain": "basic", "descriptors": [{"entries": [{"key": "key1", "value": 5, "extra": 1}]}]},
+        {"domain": 7, "descriptors": []},
+        {"domain": "", "descriptors": BASIC["descriptors"]},
+        {"domain": "basic"},
+    ],
+    ids=["not-json", "not-utf8", "not-an-object", "unknown-field", "unknown-nested-field", "wrong-type", "empty-domain", "no-descriptors"],
+)
+async def test_json_bad_request(http: aiohttp.ClientSession, body: Any) -> None:
+    status, text = await post_json(http, body)
+    assert status == 400
+    assert text == "Bad Request\n"
+
+
+async def test_json_without_any_config_is_503(tmp_path: Path) -> None:
+    env = base_env(RUNTIME_ROOT=str(tmp_path), RUNTIME_SUBDIRECTORY="")
+    async with App(Settings.from_env(env)) as app:
+        assert app.http is not None
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{app.http.port}") as http:
+            status, text = await post_json(http, BASIC)
+    assert (status, text) == (503, "Service Unavailable\n")
+
+
+async def test_json_backend_down_is_503(tmp_path: Path, redis_db: RedisServer) -> None:
+    runtime, _ = config_dir_env(tmp_path)
+    env = base_env(
+        **runtime, BACKEND_TYPE="redis", REDIS_SOCKET_TYPE="tcp", REDIS_URL=redis_db.url,
+        REDIS_OP_TIMEOUT="500ms",
+    )  # fmt: skip
+    async with App(Settings.from_env(env)) as app:
+        assert app.http is not None
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{app.http.port}") as http:
+            assert (await post_json(http, BASIC))[0] == 200
+            redis_db.kill()
+            status, text = await post_json(http, BASIC)
+    assert (status, text) == (503, "Service Unavailable\n")
+
+
+async def test_logs_the_listening_address(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    runtime, _ = config_dir_env(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        async with App(Settings.from_env(base_env(**runtime))) as app:
+            assert app.http is not None
+            address = f"127.0.0.1:{app.http.port}"
+    assert app.http.port > 0
+    assert f"Listening for HTTP on '{address}'" in caplog.messages
+    record = next(r for r in caplog.records if r.message.startswith("Listening for HTTP"))
+    assert record.levelno == logging.WARNING

@@ -1,0 +1,106 @@
+"""CONFIG_TYPE=GRPC_XDS_SOTW wired into the App: startup waits for the first snapshot, and the
+running service's answers change when the control plane pushes a new one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from support.clock import FakeClock
+from support.xds_server import WAIT_SECONDS, AdsServer, rate_limit_config, rule
+
+from ratelimit_svc.app import App
+from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from ratelimit_svc.settings.model import Settings
+
+OK = rls_pb2.RateLimitResponse.OK
+OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
+REQUEST = rls_pb2.RateLimitRequest(
+    domain="edge",
+    descriptors=[
+        ratelimit_pb2.RateLimitDescriptor(
+            entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key="path", value="/api")]
+        )
+    ],
+)
+
+
+def settings(port: int, **extra: str) -> Settings:
+    return Settings.from_env(
+        {
+            "CONFIG_TYPE": "GRPC_XDS_SOTW",
+            "CONFIG_GRPC_XDS_SERVER_URL": f"127.0.0.1:{port}",
+            "BACKEND_TYPE": "memory",
+            "GRPC_HOST": "127.0.0.1",
+            "GRPC_PORT": "0",
+            "HOST": "127.0.0.1",
+            "PORT": "0",
+            "DEBUG_HOST": "127.0.0.1",
+            "DEBUG_PORT": "0",
+            "USE_STATSD": "false",
+            "XDS_CLIENT_BACKOFF_INITIAL_INTERVAL": "100ms",
+            "XDS_CLIENT_BACKOFF_MAX_INTERVAL": "200ms",
+            **extra,
+        }
+    )
+
+
+@pytest.fixture
+async def ads() -> AsyncIterator[AdsServer]:
+    server = AdsServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_startup_waits_for_the_first_snapshot_then_follows_pushes(
+    ads: AdsServer, clock: FakeClock
+) -> None:
+    entered = asyncio.Event()
+    app = App(settings(ads.port), clock=clock)
+
+    async def run() -> None:
+        async with app:
+            entered.set()
+            await app.run()
+
+    task = asyncio.create_task(run())
+    try:
+        await asyncio.sleep(0.3)
+        assert not entered.is_set()  # no snapshot yet: still starting, not serving
+        await ads.set_snapshot("v1", [rate_limit_config("edge", "edge", rule("path", "/api", per_unit=2))])
+        async with asyncio.timeout(WAIT_SECONDS):
+            await entered.wait()
+        assert app.grpc is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
+            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+            codes = [(await stub.ShouldRateLimit(REQUEST)).overall_code for _ in range(3)]
+            assert codes == [OK, OK, OVER]
+
+            await ads.set_snapshot("v2", [rate_limit_config("edge", "edge", rule("path", "/api", per_unit=5))])
+            async with asyncio.timeout(WAIT_SECONDS):
+                while True:
+                    response = await stub.ShouldRateLimit(REQUEST)
+                    if response.statuses[0].current_limit.requests_per_unit == 5:
+                        break
+                    await asyncio.sleep(0.05)
+            assert response.overall_code == OK
+            assert app.stats.get("ratelimit.service.config_load_success") == 2
+    finally:
+        app.stop()
+        await task
+
+
+async def test_force_start_serves_before_any_config(ads: AdsServer) -> None:
+    app = App(settings(ads.port, FORCE_START_WITHOUT_INITIAL_CONFIG="true"))
+    async with app:
+        assert app.grpc is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
+            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.ShouldRateLimit(REQUEST)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert caught.value.details() == "no rate limit configuration loaded"
