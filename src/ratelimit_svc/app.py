@@ -14,14 +14,14 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ratelimit_svc import backends
-from ratelimit_svc.config.files import RuntimeLocation, load_from_files
+from ratelimit_svc.config.files import RuntimeLocation
 from ratelimit_svc.config.rules import RateLimitConfig
-from ratelimit_svc.config.watch import ConfigWatcher
+from ratelimit_svc.config.source import ConfigSource, FileSource
 from ratelimit_svc.config.xds import XdsConfigClient
 from ratelimit_svc.errors import ConfigError
 from ratelimit_svc.limiter.limiter import Limiter, LimiterOptions
@@ -36,9 +36,7 @@ from ratelimit_svc.stats.registry import (
     STAT_LOAD_ERROR,
     STAT_LOAD_SUCCESS,
     MemoryStats,
-    breaker_collector,
     local_cache_collector,
-    redis_pool_collector,
 )
 from ratelimit_svc.stats.reporter import StatsReporter, start_reporter
 
@@ -82,32 +80,80 @@ async def cancel_and_wait(task: asyncio.Task[None]) -> None:
         await task
 
 
+class AppHook:
+    """A role's additions to the App's lifecycle (workers/roles.py): passed in, never overridden.
+    Every method is a no-op here; a hook defines the ones it needs."""
+
+    async def started(self, app: App) -> None:
+        """The listeners are up. ``app.defer`` registers what to run when operations close."""
+
+    def config_changed(self, config: RateLimitConfig | None) -> None:
+        """A config was swapped in (every process answers from the same snapshot)."""
+
+    def stopping(self) -> None:
+        """Shutdown has begun."""
+
+    async def closed(self) -> None:
+        """Everything has closed, the final stats flush included."""
+
+
+def config_source(settings: Settings) -> ConfigSource:
+    """The source CONFIG_TYPE names: files (watched when RUNTIME_SUBDIRECTORY is set) or xDS."""
+    if settings.config_type == "GRPC_XDS_SOTW":
+        return XdsConfigClient(
+            settings,
+            wait_first=not settings.force_start_without_initial_config,
+            max_message_bytes=settings.xds_client_max_msg_size_in_bytes,
+        )
+    location = RuntimeLocation(
+        settings.runtime_root,
+        settings.runtime_subdirectory,
+        settings.runtime_appdirectory,
+        settings.runtime_ignoredotfiles,
+    )
+    return FileSource(
+        location,
+        watch=bool(settings.runtime_subdirectory),
+        watch_root=settings.runtime_watch_root,
+        merge_domains=settings.merge_domain_config,
+    )
+
+
 class App:
-    """One running service. ``config`` is swapped whole on reload; requests keep their snapshot."""
+    """One running service. ``config`` is swapped whole on reload; requests keep their snapshot.
+
+    What differs between roles comes in as arguments: the config ``source``, the ``stats`` it
+    records into, whether it serves the operator ports (HTTP, debug, stats sink) and ``hooks``.
+    It is also the ``ConfigSink`` of its source: every load is swapped, counted and logged here.
+    """
 
     def __init__(
         self,
         settings: Settings,
         *,
+        source: ConfigSource | None = None,
+        stats: MemoryStats | None = None,
+        operator_ports: bool = True,
+        hooks: Sequence[AppHook] = (),
         clock: Callable[[], float] = time.time,
         span_exporter: SpanExporter | None = None,  # tests: spans in memory instead of OTLP
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.stats = MemoryStats(max_keys=settings.stats_max_keys)
+        self.source = source if source is not None else config_source(settings)
+        self.stats = stats if stats is not None else MemoryStats(max_keys=settings.stats_max_keys)
+        self.operator_ports = operator_ports
+        self.hooks = tuple(hooks)
         self.reporter: StatsReporter | None = None
         self.tracing: Tracing | None = None
         self._span_exporter = span_exporter
         self.health = Health(require_config=settings.healthy_with_at_least_one_config_loaded)
         self._config: RateLimitConfig | None = None
-        # Told of every swap (workers.py sends each config to the worker processes).
-        self.config_listeners: list[Callable[[RateLimitConfig | None], None]] = []
         self.store: CounterStore | None = None
         self.grpc: GrpcServer | None = None
         self.http: Listener | None = None
         self.debug: Listener | None = None
-        self.watcher: ConfigWatcher | None = None
-        self._operations = contextlib.AsyncExitStack()  # HTTP, debug, health, reload
+        self._operations = contextlib.AsyncExitStack()  # HTTP, debug, health, config source
         self._stop = asyncio.Event()
 
     @property
@@ -116,19 +162,42 @@ class App:
 
     @config.setter
     def config(self, config: RateLimitConfig | None) -> None:
-        """The one reference swap of a reload (file or xDS); health follows it."""
+        """The one reference swap of a reload (any source); health follows it."""
         self._config = config
         self.health.set_config_loaded(config is not None and bool(config.domains))
-        for listener in self.config_listeners:
-            listener(config)
+        for hook in self.hooks:
+            hook.config_changed(config)
+
+    # -- the ConfigSink of config/source.py -------------------------------------------------------
+
+    def loaded(self, config: RateLimitConfig, detail: str = "") -> None:
+        self.config = config
+        self.stats.add(STAT_LOAD_SUCCESS)
+        log.info("Successfully loaded new configuration%s", detail)
+
+    def failed(self, error: ConfigError) -> None:
+        self.stats.add(STAT_LOAD_ERROR)
+        log.error("Error loading new configuration: %s", error)
+
+    def empty(self, reason: str) -> None:
+        log.warning("%s", reason)
+
+    def adopted(self, config: RateLimitConfig | None) -> None:
+        self.config = config
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    def defer(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` when operations close: after the gRPC listener has stopped, before
+        the store closes and the final stats flush."""
+        self._operations.push_async_callback(callback)
+
     async def __aenter__(self) -> App:
         settings = self.settings
-        self.store = await backends.open_store(settings, self.clock)
+        self.store = await backends.open_store(settings, self.clock, self.stats.scope("ratelimit"))
         try:
-            await self._load_initial_config()
+            self._operations.push_async_callback(self.source.close)
+            await self.source.start(self)
             limiter = Limiter(
                 store=self._traced_store(self.store),
                 stats=self.stats,
@@ -147,6 +216,8 @@ class App:
                 interceptors=self._interceptors(),
             )
             await self._start_operations()
+            for hook in self.hooks:
+                await hook.started(self)
         except BaseException:
             await self._operations.aclose()
             if self.grpc is not None:
@@ -157,7 +228,8 @@ class App:
         return self
 
     async def _start_operations(self) -> None:
-        """Health publishing and backend pings, the HTTP and debug ports, the config watcher."""
+        """Health publishing and backend pings; the HTTP and debug ports when this process
+        serves the operator ports."""
         assert self.store is not None and self.grpc is not None
         settings, ops = self.settings, self._operations
         self.health.observe(self.grpc.set_serving)
@@ -170,18 +242,12 @@ class App:
             ),
         ):
             ops.push_async_callback(cancel_and_wait, task)
+        if not self.operator_ports:
+            return
         self.http = await start_http_server(self.service, self.health, settings.host, settings.port)
         ops.push_async_callback(self.http.close)
         self.debug = await start_debug_server(settings, lambda: self.config, self.stats.snapshot)
         ops.push_async_callback(self.debug.close)
-        if settings.config_type == "FILE" and settings.runtime_subdirectory:
-            self.watcher = await ops.enter_async_context(
-                ConfigWatcher(
-                    self.runtime_location(),
-                    watch_root=settings.runtime_watch_root,
-                    reload=self.reload,
-                )
-            )
 
     # -- stats and tracing ---------------------------------------------------------------------
 
@@ -199,15 +265,12 @@ class App:
         return [] if self.tracing is None else [self.tracing.interceptor()]
 
     async def _start_stats(self, limiter: Limiter) -> None:
-        """Stats kept by the store and the local cache, and the sink the settings choose."""
-        store: Any = self.store
-        if hasattr(store, "pool_stats"):
-            self.stats.add_collector(redis_pool_collector(store))
-        if hasattr(store, "breaker_stats"):
-            self.stats.add_collector(breaker_collector(store))
+        """The local cache's stats and, on the operator ports' process, the configured sink
+        (stores report their own through the scope they were opened with)."""
         if limiter.local_cache is not None:
             self.stats.add_collector(local_cache_collector(limiter.local_cache))
-        self.reporter = await start_reporter(self.settings, self.stats)
+        if self.operator_ports:
+            self.reporter = await start_reporter(self.settings, self.stats)
 
     async def _close_telemetry(self) -> None:
         reporter, self.reporter = self.reporter, None
@@ -226,6 +289,8 @@ class App:
         """Begin shutdown (SIGTERM): unhealthy at once on both health surfaces."""
         self.health.start_shutdown()
         self._stop.set()
+        for hook in self.hooks:
+            hook.stopping()
 
     async def __aexit__(
         self,
@@ -233,6 +298,13 @@ class App:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        try:
+            await self._shut_down()
+        finally:
+            for hook in self.hooks:
+                await hook.closed()
+
+    async def _shut_down(self) -> None:
         # Unhealthy first, then give load balancers SHUTDOWN_DRAIN_SECONDS to notice while every
         # request is still answered; only then stop accepting and finish what is in flight.
         self.health.start_shutdown()
@@ -246,66 +318,13 @@ class App:
                 await self.grpc.stop(grace=STOP_GRACE_SECONDS)
         finally:
             try:
-                await self._operations.aclose()  # the watcher, debug, HTTP (in-flight finish)
+                await self._operations.aclose()  # the source, debug, HTTP (in-flight finish)
             finally:
                 try:
                     if self.store is not None:
                         await self.store.close()
                 finally:
                     await self._close_telemetry()  # the final stats flush, buffered spans
-
-    # -- config ----------------------------------------------------------------------------------
-
-    async def _load_initial_config(self) -> None:
-        """Files load at once; over xDS, wait for the first accepted snapshot unless
-        FORCE_START_WITHOUT_INITIAL_CONFIG (requests meanwhile get "no configuration loaded")."""
-        settings = self.settings
-        if settings.config_type != "GRPC_XDS_SOTW":
-            self.reload()
-            return
-
-        def on_config(config: RateLimitConfig) -> None:
-            self.config = config  # the client counts and logs each load itself
-
-        client = XdsConfigClient(
-            settings,
-            on_config,
-            stats=self.stats,
-            max_message_bytes=settings.xds_client_max_msg_size_in_bytes,
-        )
-        self._operations.push_async_callback(client.close)
-        await client.start()
-        if not settings.force_start_without_initial_config:
-            log.warning(
-                "waiting for the first rate limit configuration from %s",
-                settings.config_grpc_xds_server_url,
-            )
-            await client.wait_first_config()
-
-    def runtime_location(self) -> RuntimeLocation:
-        s = self.settings
-        return RuntimeLocation(
-            s.runtime_root, s.runtime_subdirectory, s.runtime_appdirectory,
-            s.runtime_ignoredotfiles,
-        )
-
-    def reload(self) -> bool:
-        """Load the whole file config; on success swap it in, on failure keep the old one."""
-        try:
-            config = load_from_files(
-                self.runtime_location(), merge_domains=self.settings.merge_domain_config
-            )
-        except ConfigError as exc:
-            self.stats.add(STAT_LOAD_ERROR)
-            log.error("Error loading new configuration: %s", exc)
-            return False
-        if config is None:
-            log.warning("RUNTIME_SUBDIRECTORY is empty: no rate limit configuration is loaded")
-            return False
-        self.config = config
-        self.stats.add(STAT_LOAD_SUCCESS)
-        log.info("Successfully loaded new configuration")
-        return True
 
 
 async def serve(settings: Settings, app_factory: Callable[[Settings], App] = App) -> None:

@@ -148,9 +148,6 @@ class TracedStore:
         self._tracer = tracing.tracer
         self._system = tracing.backend
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)  # pool_stats() and the like
-
     async def increment(self, increments: Sequence[Increment]) -> list[int]:
         with self._tracer.start_as_current_span(
             f"{self._system} increment",

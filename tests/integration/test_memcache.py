@@ -344,7 +344,7 @@ async def test_tls_hostname_check_and_skipping_it(
 
 async def test_backend_table_opens_a_memcache_store(memcached: MemcachedServer, clock: FakeClock) -> None:
     env = {"BACKEND_TYPE": "memcache", "MEMCACHE_HOST_PORT": memcached.url, "MEMCACHE_MAX_IDLE_CONNS": "3", "USE_STATSD": "false"}
-    store = await open_store(Settings.from_env(env), clock)
+    store = await open_store(Settings.from_env(env), clock, MemoryStats().scope("ratelimit"))
     try:
         inner = getattr(store, "inner", store)
         assert isinstance(inner, MemcacheStore) and repr(inner) == f"MemcacheStore({memcached.url}, max_idle_conns=3)"
@@ -364,4 +364,4 @@ async def test_bad_tls_files_are_a_clear_startup_error(clock: FakeClock, tmp_pat
         "USE_STATSD": "false",
     }
     with pytest.raises(BackendError, match="MEMCACHE_TLS"):
-        await open_store(Settings.from_env(env), clock)
+        await open_store(Settings.from_env(env), clock, MemoryStats().scope("ratelimit"))

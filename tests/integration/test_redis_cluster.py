@@ -19,6 +19,7 @@ from ratelimit_svc.backends.redis.cluster import ClusterStore, parse_cluster_slo
 from ratelimit_svc.errors import BackendError
 from ratelimit_svc.limiter.store import Increment
 from ratelimit_svc.settings.model import RedisSettings, Settings
+from ratelimit_svc.stats.registry import MemoryStats
 
 
 @pytest.fixture
@@ -211,7 +212,7 @@ async def test_backend_table_opens_a_cluster_store_behind_the_breaker(
     settings = Settings.from_env(
         {"BACKEND_TYPE": "redis", "REDIS_TYPE": "cluster", "REDIS_URL": redis_cluster.url, "USE_STATSD": "false"}
     )
-    store = await open_store(settings, clock)
+    store = await open_store(settings, clock, MemoryStats().scope("ratelimit"))
     try:
         assert "ClusterStore" in repr(getattr(store, "inner", store))
         assert await store.increment([Increment("suite_table_1", 2, 60, 60)]) == [2]

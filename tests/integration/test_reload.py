@@ -44,16 +44,16 @@ def served(app: App) -> dict[str, int]:
 
 
 async def next_load(app: App, loads_before: int) -> None:
-    assert app.watcher is not None
+    assert app.source.watcher is not None
     async with asyncio.timeout(LOAD_TIMEOUT):
-        await app.watcher.wait_for_loads(loads_before + 1)
+        await app.source.watcher.wait_for_loads(loads_before + 1)
 
 
 async def change_and_wait(app: App, change: Callable[[], object]) -> None:
     """Apply ``change`` to the files (in a thread, so the loop sees events as they come, as in
     production) and wait for the load it causes."""
-    assert app.watcher is not None
-    before = app.watcher.loads
+    assert app.source.watcher is not None
+    before = app.source.watcher.loads
     await asyncio.to_thread(change)
     await next_load(app, before)
 
@@ -61,7 +61,7 @@ async def change_and_wait(app: App, change: Callable[[], object]) -> None:
 @asynccontextmanager
 async def running(**env: str) -> AsyncIterator[App]:
     async with App(Settings.from_env(base_env(**env))) as app:
-        assert app.watcher is not None
+        assert app.source.watcher is not None
         yield app
 
 
@@ -202,9 +202,9 @@ async def test_directory_mode_moves(dir_app: App, config_dir: Path, tmp_path: Pa
 
 
 async def test_directory_mode_chmod_reloads(dir_app: App, config_dir: Path) -> None:
-    assert dir_app.watcher is not None
+    assert dir_app.source.watcher is not None
     await change_and_wait(dir_app, lambda: os.chmod(config_dir / "a.yaml", 0o600))
-    assert dir_app.watcher.loads == 1
+    assert dir_app.source.watcher.loads == 1
     assert served(dir_app) == {"alpha": 1}
 
 
@@ -260,14 +260,14 @@ async def test_kubernetes_configmap_swap(tmp_path: Path) -> None:
         RUNTIME_ROOT=str(tmp_path / "runtime"), RUNTIME_SUBDIRECTORY="ratelimit",
         RUNTIME_WATCH_ROOT="false", RUNTIME_IGNOREDOTFILES="true",
     ) as app:  # fmt: skip
-        assert app.watcher is not None
+        assert app.source.watcher is not None
         assert served(app) == {"alpha": 1}
         # One update is a dozen file system events: it must cost exactly one load.
         await change_and_wait(app, lambda: volume.update({"a.yaml": rules("alpha", per_minute=2), "b.yaml": rules("beta")}))
         assert served(app) == {"alpha": 2, "beta": 2}
         await change_and_wait(app, lambda: volume.update({"b.yaml": rules("beta", per_minute=7)}))
         assert served(app) == {"beta": 7}
-        assert app.watcher.loads == 2
+        assert app.source.watcher.loads == 2
         assert app.stats.get("ratelimit.service.config_load_error") == 0
 
 
@@ -275,7 +275,7 @@ async def test_kubernetes_configmap_swap(tmp_path: Path) -> None:
 
 
 async def test_a_burst_of_changes_is_one_load(dir_app: App, config_dir: Path) -> None:
-    assert dir_app.watcher is not None
+    assert dir_app.source.watcher is not None
 
     def burst() -> None:
         # A slow writer (rsync, a deploy script): events keep coming for ~0.2s, never more than
@@ -288,7 +288,7 @@ async def test_a_burst_of_changes_is_one_load(dir_app: App, config_dir: Path) ->
     await change_and_wait(dir_app, burst)
     await change_and_wait(dir_app, lambda: write(config_dir / "sentinel.yaml", rules("sentinel")))
     assert len(served(dir_app)) == 32
-    assert dir_app.watcher.loads == 2
+    assert dir_app.source.watcher.loads == 2
     assert dir_app.stats.get("ratelimit.service.config_load_success") == 3  # with the first load
 
 
@@ -310,7 +310,7 @@ async def test_bad_file_keeps_the_old_config(
 
 async def test_no_watcher_without_a_runtime_subdirectory(tmp_path: Path) -> None:
     async with App(Settings.from_env(base_env(RUNTIME_ROOT=str(tmp_path), RUNTIME_SUBDIRECTORY=""))) as app:
-        assert app.watcher is None
+        assert app.source.watcher is None
 
 
 def test_plan_watches_per_mode(tmp_path: Path) -> None:

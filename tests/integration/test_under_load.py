@@ -111,18 +111,18 @@ async def service(tmp_path: Path) -> AsyncIterator[tuple[App, Runtime, Load]]:
         "RUNTIME_WATCH_ROOT": "true",
     }  # fmt: skip
     async with App(Settings.from_env(env)) as app:
-        assert app.grpc is not None and app.watcher is not None
+        assert app.grpc is not None and app.source.watcher is not None
         async with grpc.aio.insecure_channel(f"{HOST}:{app.grpc.port}") as channel:
             yield app, runtime, Load(rls_pb2_grpc.RateLimitServiceStub(channel))
 
 
 async def swapped(app: App, runtime: Runtime, files: dict[str, str]) -> None:
     """Publish a version and wait until the watcher has loaded it."""
-    assert app.watcher is not None
-    loads = app.watcher.loads
+    assert app.source.watcher is not None
+    loads = app.source.watcher.loads
     runtime.publish(files)
     async with asyncio.timeout(10):
-        await app.watcher.wait_for_loads(loads + 1)
+        await app.source.watcher.wait_for_loads(loads + 1)
 
 
 async def test_config_swapped_repeatedly_under_load_fails_no_request(tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from ratelimit_svc.settings.model import Settings
 from ratelimit_svc.workers.aggregation import AggregateStats, Report
-from ratelimit_svc.workers.supervisor import reserve_port, usable_cpus, worker_count
+from ratelimit_svc.workers.roles import primary_app, worker_main
+from ratelimit_svc.workers.supervisor import WorkerPool, reserve_port, usable_cpus, worker_count
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -324,3 +325,16 @@ async def test_only_the_primary_follows_xds_and_every_worker_gets_its_configs(
             assert ads.open_streams == 1  # one subscription for the whole service
     finally:
         await ads.stop()
+
+
+def test_the_primary_keeps_stats_max_keys(tmp_path: Path) -> None:
+    # The primary's stats sum the workers'; they are bounded by STATS_MAX_KEYS like any App's
+    # (the primary once built its aggregate with the default bound instead).
+    settings = Settings.from_env(base_env(STATS_MAX_KEYS="7"))
+    pool = WorkerPool(settings, {}, 1, target=worker_main, stop_grace=1.0)  # nothing started
+    app = primary_app(settings, pool)
+    assert isinstance(app.stats, AggregateStats)
+    assert app.stats.max_keys == 7
+    for i in range(20):
+        app.stats.add(f"ratelimit.service.rate_limit.d.k_{i}.total_hits")
+    assert len(app.stats) == 7

@@ -78,15 +78,27 @@ class FakeSleep:
 
 
 class Applied:
-    """The on_config callback: every config the client handed over, awaitable."""
+    """The client's ConfigSink (the App's role): every config reported, awaitable, and the
+    loads counted as the App counts them."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: MemoryStats) -> None:
         self.configs: list[RateLimitConfig] = []
+        self.stats = stats
         self._changed = asyncio.Event()
 
-    def __call__(self, config: RateLimitConfig) -> None:
+    def loaded(self, config: RateLimitConfig, detail: str = "") -> None:
         self.configs.append(config)
+        self.stats.add(STAT_LOAD_SUCCESS)
         self._changed.set()
+
+    def failed(self, error: ConfigError) -> None:
+        self.stats.add(STAT_LOAD_ERROR)
+
+    def empty(self, reason: str) -> None:
+        raise AssertionError("xDS never reports an empty config")
+
+    def adopted(self, config: RateLimitConfig | None) -> None:
+        raise AssertionError("xDS loads its configs itself")
 
     @property
     def latest(self) -> RateLimitConfig | None:
@@ -130,13 +142,13 @@ def sleeper() -> FakeSleep:
 
 
 @pytest.fixture
-def applied() -> Applied:
-    return Applied()
+def stats() -> MemoryStats:
+    return MemoryStats()
 
 
 @pytest.fixture
-def stats() -> MemoryStats:
-    return MemoryStats()
+def applied(stats: MemoryStats) -> Applied:
+    return Applied(stats)
 
 
 Start = Callable[..., Any]
@@ -150,9 +162,9 @@ async def start_client(
     clients: list[XdsConfigClient] = []
 
     async def start(settings: Settings, **kwargs: Any) -> XdsConfigClient:
-        client = XdsConfigClient(settings, applied, stats=stats, sleep=sleeper, **kwargs)
+        client = XdsConfigClient(settings, sleep=sleeper, **kwargs)
         clients.append(client)
-        await client.start()
+        await client.start(applied)
         return client
 
     yield start
@@ -483,17 +495,17 @@ async def test_unreadable_tls_file_stops_start(pki: dict[str, Any], tmp_path: Pa
     settings = xds_settings(
         1, **tls_env(pki, CONFIG_GRPC_XDS_SERVER_TLS_CACERT=str(tmp_path / "missing.pem"))
     )
-    client = XdsConfigClient(settings, lambda config: None)
+    client = XdsConfigClient(settings)
     with pytest.raises(SettingsError, match="CONFIG_GRPC_XDS_SERVER_TLS_CACERT: cannot read"):
-        await client.start()
+        await client.start(Applied(MemoryStats()))
     await client.close()
 
 
 async def test_client_cert_without_key_is_a_settings_error(pki: dict[str, Any]) -> None:
     settings = xds_settings(1, **tls_env(pki, CONFIG_GRPC_XDS_CLIENT_TLS_KEY=""))
-    client = XdsConfigClient(settings, lambda config: None)
+    client = XdsConfigClient(settings)
     with pytest.raises(SettingsError, match="must be set together"):
-        await client.start()
+        await client.start(Applied(MemoryStats()))
     await client.close()
 
 

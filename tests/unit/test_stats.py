@@ -15,9 +15,7 @@ from ratelimit_svc.limiter.store import Increment
 from ratelimit_svc.limiter.windows import RuleCounts
 from ratelimit_svc.stats.registry import (
     MemoryStats,
-    breaker_collector,
     local_cache_collector,
-    redis_pool_collector,
 )
 
 
@@ -123,30 +121,22 @@ def test_domain_not_found_is_a_bounded_per_key_stat() -> None:
     assert stats.get("ratelimit.service.rate_limit.unknown0.domain_not_found") == 0
 
 
-def test_collectors_set_pool_breaker_and_local_cache_stats() -> None:
-    class Pool:
-        def pool_stats(self) -> dict[str, int]:
-            return {"cx_active": 2, "cx_total": 7, "cx_local_close": 5}
-
-    class Breaker:
-        def breaker_stats(self) -> dict[str, int]:
-            return {"open": 1, "in_flight": 3, "opened_total": 2}
-
+def test_scopes_and_collectors_report_at_flush() -> None:
+    pool = {"cx_active": 2, "cx_total": 7}
     cache = LocalCache(10_000)
     cache.add("k", 100)
     cache.contains("k", 50)
     cache.contains("other", 50)
     stats, sink = MemoryStats(), RecordingSink()
     stats.sink = sink
-    for collector in (redis_pool_collector(Pool()), breaker_collector(Breaker()), local_cache_collector(cache)):
-        stats.add_collector(collector)
+    scope = stats.scope("ratelimit")
+    scope.scope("redis_pool").gauge("cx_active", lambda: pool["cx_active"])
+    scope.scope("redis_pool").counter("cx_total", lambda: pool["cx_total"])
+    stats.add_collector(local_cache_collector(cache))
     stats.flush()
     gauges = dict(sink.gauges)
     assert gauges["ratelimit.redis_pool.cx_active"] == 2
     assert ("ratelimit.redis_pool.cx_total", 7) in sink.counters
-    assert ("ratelimit.redis_pool.cx_local_close", 5) in sink.counters
-    assert gauges["ratelimit.backend_breaker.open"] == 1
-    assert ("ratelimit.backend_breaker.opened", 2) in sink.counters
     assert gauges["ratelimit.localcache.hitCount"] == 1
     assert gauges["ratelimit.localcache.missCount"] == 1
     assert gauges["ratelimit.localcache.lookupCount"] == 2
@@ -154,6 +144,10 @@ def test_collectors_set_pool_breaker_and_local_cache_stats() -> None:
     sink.counters.clear()
     stats.flush()
     assert sink.counters == []  # a collected total that did not move sends no delta
+    pool.update(cx_active=1, cx_total=9)  # read at each flush: no call per request
+    stats.flush()
+    assert ("ratelimit.redis_pool.cx_total", 2) in sink.counters
+    assert dict(sink.gauges)["ratelimit.redis_pool.cx_active"] == 1
 
 
 # -- high cardinality: 100k distinct values through the limiter ---------------------------------

@@ -14,15 +14,18 @@ from typing import TYPE_CHECKING
 from ratelimit_svc.errors import SettingsError
 
 if TYPE_CHECKING:
-    from ratelimit_svc.limiter.store import CounterStore
+    from ratelimit_svc.limiter.store import CounterStore, StatsScope
     from ratelimit_svc.settings.model import Settings
 
 BACKEND_TYPES = ("memory", "redis", "memcache")
 
 
-async def open_store(settings: Settings, clock: Callable[[], float]) -> CounterStore:
+async def open_store(
+    settings: Settings, clock: Callable[[], float], scope: StatsScope
+) -> CounterStore:
     """Open the store that BACKEND_TYPE names (retrying its startup as the backend defines).
-    Each backend's module is imported only when chosen."""
+    Each backend's module is imported only when chosen; each store and wrapper reports its own
+    numbers into ``scope`` (``ratelimit``), so nothing needs to reach through a wrapper."""
     store: CounterStore
     match settings.backend_type:
         case "memory":  # lives in the process: it cannot hang or fail, so it gets no breaker
@@ -32,7 +35,7 @@ async def open_store(settings: Settings, clock: Callable[[], float]) -> CounterS
         case "redis":
             from ratelimit_svc.backends import redis
 
-            store = await redis.open_store(settings, clock)
+            store = await redis.open_store(settings, clock, scope)
         case "memcache":
             from ratelimit_svc.backends.memcache import store as memcache
 
@@ -49,4 +52,5 @@ async def open_store(settings: Settings, clock: Callable[[], float]) -> CounterS
         failure_threshold=settings.breaker_failure_threshold,
         cooldown=settings.breaker_cooldown,
         max_in_flight=settings.backend_max_in_flight,
+        scope=scope.scope("backend_breaker"),
     )

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from ratelimit_svc.errors import BackendError
-from ratelimit_svc.limiter.store import CounterStore, Increment
+from ratelimit_svc.limiter.store import CounterStore, Increment, StatsScope
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class CircuitBreakerStore:
         cooldown: float = 2.0,
         max_in_flight: int = 1000,
         clock: Callable[[], float] = time.monotonic,
+        scope: StatsScope | None = None,
     ) -> None:
         self.inner = inner
         self.failure_threshold = failure_threshold
@@ -72,6 +73,12 @@ class CircuitBreakerStore:
         self.opened_total = 0
         self.rejected_total = 0  # failed fast because the circuit was open
         self.overloaded_total = 0  # failed fast because max_in_flight calls were waiting
+        if scope is not None:  # ours: ratelimit.backend_breaker.*
+            scope.gauge("open", lambda: int(self._state is not BreakerState.CLOSED))
+            scope.gauge("in_flight", lambda: self._in_flight)
+            scope.counter("opened", lambda: self.opened_total)
+            scope.counter("rejected", lambda: self.rejected_total)
+            scope.counter("overloaded", lambda: self.overloaded_total)
 
     def __repr__(self) -> str:
         return f"CircuitBreakerStore({self.inner!r}, state={self.state.value})"
@@ -98,10 +105,6 @@ class CircuitBreakerStore:
             "overloaded_total": self.overloaded_total,
         }
 
-    def pool_stats(self) -> dict[str, int]:
-        """The wrapped store's connection counts (``redis_pool.cx_*``), if it keeps any."""
-        stats: Callable[[], dict[str, int]] | None = getattr(self.inner, "pool_stats", None)
-        return stats() if stats is not None else {}
 
     # -- the CounterStore contract ---------------------------------------------------------------
 

@@ -13,7 +13,7 @@ override from Envoy naming the same entries as a configured rule of another unit
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TypeVar, cast
 
 from ratelimit_svc.limiter.store import CounterStore, Increment
@@ -66,18 +66,6 @@ class PerSecondStore:
     async def close(self) -> None:
         await _both(self.main.close(), self.per_second.close())
 
-    def pool_stats(self) -> dict[str, int]:
-        """The main Redis's connection counts (``ratelimit.redis_pool``, as the reference)."""
-        return _pool_stats(self.main)
-
-    def per_second_pool_stats(self) -> dict[str, int]:
-        """The per-second Redis's (``ratelimit.redis_per_second_pool`` in the reference)."""
-        return _pool_stats(self.per_second)
-
-
-def _pool_stats(store: CounterStore) -> dict[str, int]:
-    stats: Callable[[], dict[str, int]] | None = getattr(store, "pool_stats", None)
-    return stats() if stats is not None else {}
 
 
 async def _both(first: Awaitable[_A], second: Awaitable[_B]) -> tuple[_A, _B]:

@@ -5,8 +5,8 @@ aggregated discovery service, reconnecting with exponential backoff whenever the
 Every response is the complete set of rules: each RateLimitConfig resource becomes one config
 document named after the resource (rendered as the YAML a file would hold, so validation, error
 texts and MERGE_DOMAIN_CONFIG are exactly the file loader's), all are loaded together, and the
-result is either handed to ``on_config`` and ACKed, or NACKed with the error text while the last
-accepted config stays in effect.
+result is either reported to the App (the ``ConfigSink`` of config/source.py) and ACKed, or
+reported as an error and NACKed with its text while the last accepted config stays in effect.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import yaml
@@ -28,13 +28,13 @@ from google.protobuf.struct_pb2 import Struct
 from ratelimit_svc import __version__
 from ratelimit_svc.config.loader import ConfigFile, load_config
 from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.config.source import ConfigSink
 from ratelimit_svc.errors import ConfigError, SettingsError
 from ratelimit_svc.pb.envoy.config.core.v3 import base_pb2
 from ratelimit_svc.pb.envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from ratelimit_svc.pb.ratelimit.config.ratelimit.v3 import rls_conf_pb2
 from ratelimit_svc.pb.ratelimit.deps.google.rpc import status_pb2
 from ratelimit_svc.settings.model import Settings
-from ratelimit_svc.stats.registry import STAT_LOAD_ERROR, STAT_LOAD_SUCCESS
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ TYPE_URL = "type.googleapis.com/ratelimit.config.ratelimit.v3.RateLimitConfig"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _INVALID_ARGUMENT = 3  # google.rpc.Code, as Envoy sets it on a rejected update
 _MAX_DOUBLINGS = 60  # 2**60 intervals is already past any max interval
-
-
-class StatsSink(Protocol):
-    def add(self, name: str, value: int = 1) -> None: ...
 
 
 # -- resources → config ------------------------------------------------------------------------
@@ -154,26 +150,26 @@ class _StreamBroken(Exception):
 
 
 class XdsConfigClient:
-    """Subscribes to rate-limit configs over ADS and hands every accepted one to ``on_config``.
+    """A ``ConfigSource``: subscribes to rate-limit configs over ADS and reports each accepted
+    one (or the error of a rejected one) to the sink given to ``start``.
 
-    ``start()`` launches the stream in a task, ``wait_first_config()`` waits for the first
-    accepted config, ``close()`` stops everything. ``stats`` receives config_load_success /
-    config_load_error. ``sleep`` and ``rand`` drive the reconnect backoff (tests replace them).
+    ``start(sink)`` launches the stream in a task and, with ``wait_first``, returns once the
+    first config is accepted; ``wait_first_config()`` waits for it; ``close()`` stops everything.
+    ``sleep`` and ``rand`` drive the reconnect backoff (tests replace them).
     """
 
     def __init__(
         self,
         settings: Settings,
-        on_config: Callable[[RateLimitConfig], None],
         *,
-        stats: StatsSink | None = None,
+        wait_first: bool = False,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.settings = settings
-        self.on_config = on_config
-        self.stats = stats
+        self.wait_first = wait_first
+        self._sink: ConfigSink | None = None
         self.sleep = sleep
         self.max_message_bytes = max_message_bytes
         self.backoff = Backoff(
@@ -194,11 +190,20 @@ class XdsConfigClient:
         self._loaded = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        """Check the TLS files, then run the subscription in the background."""
+    async def start(self, sink: ConfigSink) -> None:
+        """Check the TLS files, then run the subscription in the background (and, with
+        ``wait_first``, wait for the first accepted config; requests meanwhile get "no
+        configuration loaded" only when FORCE_START_WITHOUT_INITIAL_CONFIG chose not to wait)."""
+        self._sink = sink
         self._credentials()  # a missing or unreadable file stops startup, naming the variable
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="xds-config-client")
+        if self.wait_first:
+            log.warning(
+                "waiting for the first rate limit configuration from %s",
+                self.settings.config_grpc_xds_server_url,
+            )
+            await self.wait_first_config()
 
     async def wait_first_config(self) -> RateLimitConfig:
         """The first accepted config (bound the wait with ``asyncio.timeout``); raises
@@ -274,17 +279,16 @@ class XdsConfigClient:
                 response.resources, merge_domains=self.settings.merge_domain_config
             )
         except ConfigError as exc:
-            self._add_stat(STAT_LOAD_ERROR)
-            log.error("Error loading new configuration: %s", exc)
+            if self._sink is not None:
+                self._sink.failed(exc)
             return self._request(
                 self.version,
                 nonce=response.nonce,
                 error=status_pb2.Status(code=_INVALID_ARGUMENT, message=str(exc)),
             )
         self.config, self.version = config, response.version_info
-        self._add_stat(STAT_LOAD_SUCCESS)
-        log.info("Successfully loaded new configuration (xDS version '%s')", self.version)
-        self.on_config(config)
+        if self._sink is not None:
+            self._sink.loaded(config, f" (xDS version '{self.version}')")
         self._loaded.set()
         return self._request(self.version, nonce=response.nonce)
 
@@ -296,10 +300,6 @@ class XdsConfigClient:
             response_nonce=nonce,
             error_detail=error,
         )
-
-    def _add_stat(self, name: str) -> None:
-        if self.stats is not None:
-            self.stats.add(name)
 
     # -- the channel ---------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@ logic lives in ``limiter.limiter``; a store only adds numbers to keys (docs/arch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 
@@ -34,4 +34,22 @@ class CounterStore(Protocol):
 
     async def close(self) -> None:
         """Release connections and background tasks."""
+        ...
+
+
+class StatsScope(Protocol):
+    """Where a component reports its own numbers, under names relative to the scope (the
+    reference's stats scopes, e.g. ``ratelimit.redis_pool``). Values are read at each flush, so
+    a store keeps plain attributes and pays nothing per request."""
+
+    def scope(self, name: str) -> StatsScope:
+        """The child scope ``<this>.<name>``."""
+        ...
+
+    def gauge(self, name: str, read: Callable[[], int]) -> None:
+        """Report ``read()`` as the gauge ``<scope>.<name>``."""
+        ...
+
+    def counter(self, name: str, read_total: Callable[[], int]) -> None:
+        """Report the running total ``read_total()`` as the counter ``<scope>.<name>``."""
         ...

@@ -126,6 +126,10 @@ class MemoryStats:
         if self.sink is not None:
             self.sink.flush_timer(name, milliseconds)  # as gostats: timers are not aggregated
 
+    def scope(self, name: str) -> Scope:
+        """A ``StatsScope`` (limiter/store.py) whose names start with ``name``."""
+        return Scope(self, name)
+
     def add_collector(self, collector: Collector) -> None:
         """Call ``collector(self)`` before each flush and snapshot (to set pool or cache gauges)."""
         self._collectors.append(collector)
@@ -207,8 +211,23 @@ class MemoryStats:
 # -- collectors for stats kept by other objects ---------------------------------------------------
 
 
-class _PoolStatsSource(Protocol):
-    def pool_stats(self) -> dict[str, int]: ...
+class Scope:
+    """The ``StatsScope`` a store or wrapper is built with: names under a prefix, read at flush."""
+
+    def __init__(self, stats: MemoryStats, prefix: str) -> None:
+        self._stats = stats
+        self.prefix = prefix
+
+    def scope(self, name: str) -> Scope:
+        return Scope(self._stats, f"{self.prefix}.{name}")
+
+    def gauge(self, name: str, read: Callable[[], int]) -> None:
+        full = f"{self.prefix}.{name}"
+        self._stats.add_collector(lambda stats: stats.set_gauge(full, read()))
+
+    def counter(self, name: str, read_total: Callable[[], int]) -> None:
+        full = f"{self.prefix}.{name}"
+        self._stats.add_collector(lambda stats: stats.set_counter(full, read_total()))
 
 
 class _LocalCacheSource(Protocol):
@@ -218,40 +237,6 @@ class _LocalCacheSource(Protocol):
     expired_count: int
 
     def __len__(self) -> int: ...
-
-
-def redis_pool_collector(store: _PoolStatsSource, scope: str = "ratelimit.redis_pool") -> Collector:
-    """``<scope>.cx_active`` (gauge), ``cx_total`` and ``cx_local_close`` (counters)."""
-
-    def collect(stats: MemoryStats) -> None:
-        pool = store.pool_stats()
-        if not pool:
-            return  # a store without connections of its own (behind a breaker, say)
-        stats.set_gauge(f"{scope}.cx_active", pool.get("cx_active", 0))
-        stats.set_counter(f"{scope}.cx_total", pool.get("cx_total", 0))
-        stats.set_counter(f"{scope}.cx_local_close", pool.get("cx_local_close", 0))
-
-    return collect
-
-
-class _BreakerSource(Protocol):
-    def breaker_stats(self) -> dict[str, int]: ...
-
-
-def breaker_collector(
-    store: _BreakerSource, scope: str = "ratelimit.backend_breaker"
-) -> Collector:
-    """Ours: ``<scope>.open`` and ``in_flight`` (gauges), ``opened``, ``rejected`` and
-    ``overloaded`` (counters) of the circuit breaker in front of a remote backend."""
-
-    def collect(stats: MemoryStats) -> None:
-        for name, value in store.breaker_stats().items():
-            if name.endswith("_total"):
-                stats.set_counter(f"{scope}.{name.removesuffix('_total')}", value)
-            else:
-                stats.set_gauge(f"{scope}.{name}", value)
-
-    return collect
 
 
 def local_cache_collector(cache: _LocalCacheSource) -> Collector:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ratelimit_svc.stats.registry import MemoryStats, sanitize
+from ratelimit_svc.stats.registry import DEFAULT_MAX_KEYS, MemoryStats, sanitize
 
 
 class Report:
@@ -39,8 +39,8 @@ class AggregateStats(MemoryStats):
     added as they come; a gauge is the sum of the primary's value and each live worker's last
     one (connections open, local cache entries), so every stat is the service's total."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+        super().__init__(max_keys)
         self._own_gauges: dict[str, int] = {}
         self._worker_gauges: dict[int, dict[str, int]] = {}
         self._worker_counter_totals: dict[str, int] = {}

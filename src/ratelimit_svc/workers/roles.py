@@ -5,19 +5,20 @@ whole service, whose stats also sum the workers' and whose configs reach them) a
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import replace
-from types import TracebackType
 
-from ratelimit_svc.app import STOP_GRACE_SECONDS, App, cancel_and_wait, serve
+from ratelimit_svc.app import STOP_GRACE_SECONDS, App, AppHook, cancel_and_wait, serve
 from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.config.source import ConfigSink
 from ratelimit_svc.logsetup import configure_logging
-from ratelimit_svc.servers.health import monitor_backend
 from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.stats.registry import MemoryStats
 from ratelimit_svc.workers.aggregation import AggregateStats, Report
 from ratelimit_svc.workers.supervisor import Link, WorkerPool, reserve_port, run_loop, worker_count
 
@@ -42,34 +43,41 @@ def run(settings: Settings, env: Mapping[str, str]) -> None:
             settings, dict(env), count - 1, target=worker_main, stop_grace=STOP_GRACE_SECONDS
         )
         pool.start()  # before this process has any gRPC object (or even an event loop)
-        run_loop(serve(settings, app_factory=lambda s: PrimaryApp(s, pool)))
+        run_loop(serve(settings, app_factory=lambda s: primary_app(s, pool)))
     finally:
         reservation.close()
 
 
+# -- the primary ----------------------------------------------------------------------------------
 
 
-class PrimaryApp(App):
+def primary_app(settings: Settings, pool: WorkerPool) -> App:
     """The process that was started: the whole App (gRPC included), whose stats also sum the
-    workers' and whose config reaches them; stopping it stops them."""
+    workers' (bounded by STATS_MAX_KEYS like any App's) and whose configs reach them; stopping
+    it stops them."""
+    stats = AggregateStats(max_keys=settings.stats_max_keys)
+    return App(settings, stats=stats, hooks=[_PrimaryHook(pool, stats)])
 
-    def __init__(self, settings: Settings, pool: WorkerPool) -> None:
-        super().__init__(settings)
-        self.aggregate = AggregateStats()
-        self.stats = self.aggregate
+
+class _PrimaryHook(AppHook):
+    def __init__(self, pool: WorkerPool, stats: AggregateStats) -> None:
         self.pool = pool
+        self.stats = stats
 
-    async def __aenter__(self) -> PrimaryApp:
-        await super().__aenter__()
-        self.pool.attach(self)
-        # Run when the App closes its operations: after its own listeners stopped, before the
-        # store and the final stats flush (so the workers' last reports are in it).
-        self._operations.push_async_callback(self.pool.wait_stopped)
-        return self
+    async def started(self, app: App) -> None:
+        self.pool.attach(lambda: app.config, self.stats)
+        # After the primary's own listeners stopped, before the store and the final stats flush
+        # (so the workers' last reports are in it).
+        app.defer(self.pool.wait_stopped)
 
-    def stop(self) -> None:
-        super().stop()
+    def config_changed(self, config: RateLimitConfig | None) -> None:
+        self.pool.publish_config(config)
+
+    def stopping(self) -> None:
         self.pool.stop()
+
+
+# -- a worker -------------------------------------------------------------------------------------
 
 
 def worker_main(
@@ -90,55 +98,65 @@ async def _serve_worker(settings: Settings, index: int, sock: socket.socket) -> 
     message = await link.receive()
     if message is None or message[0] != "config":
         return  # the primary is gone before it sent anything
-    await serve(settings, app_factory=lambda s: WorkerApp(s, link, message[1]))
+    await serve(settings, app_factory=lambda s: worker_app(s, link, message[1]))
 
 
-class WorkerApp(App):
-    """A gRPC worker: App's store, limiter, service and gRPC listener; no HTTP, debug port,
-    config watcher or sink (the primary has them). Configs come from the primary, stats go to
-    it, and it drains when the primary says so or goes away."""
+def worker_app(settings: Settings, link: Link, config: RateLimitConfig | None) -> App:
+    """A gRPC worker: App's store, limiter, service and gRPC listener; no HTTP, debug port or
+    sink (the primary has them). Configs come from the primary, stats go to it, and it drains
+    when the primary says so or goes away."""
+    report = Report()
+    stats = MemoryStats(max_keys=settings.stats_max_keys)
+    stats.sink = report
+    primary = PrimaryLink(link, config, stats, report)
+    return App(settings, source=primary, stats=stats, operator_ports=False, hooks=[primary])
 
-    def __init__(self, settings: Settings, link: Link, config: RateLimitConfig | None) -> None:
-        super().__init__(settings)
+
+class PrimaryLink(AppHook):
+    """A worker's link to the primary: its config source (the primary loads and counts every
+    config; the worker adopts it) and the hook that reports its stats and drains on "stop"."""
+
+    def __init__(
+        self, link: Link, config: RateLimitConfig | None, stats: MemoryStats, report: Report
+    ) -> None:
         self.link = link
         self._initial_config = config
-        self._report = Report()
-        self.stats.sink = self._report
+        self.stats = stats
+        self.report = report
 
-    async def _load_initial_config(self) -> None:
-        """The primary's current config: it alone loads files or follows xDS."""
-        self.config = self._initial_config
+    # -- ConfigSource --
 
-    def reload(self) -> bool:
-        """Configs come from the primary (``_listen``): nothing to load here."""
-        return self.config is not None
+    async def start(self, sink: ConfigSink) -> None:
+        self._sink = sink
+        sink.adopted(self._initial_config)
 
-    async def _start_operations(self) -> None:
-        """Health (both backend pings and the gRPC health service), the link to the primary."""
-        assert self.store is not None and self.grpc is not None
-        self.health.observe(self.grpc.set_serving)
+    async def close(self) -> None:
+        """The link closes last, in ``closed``, after the final report."""
+
+    # -- AppHook --
+
+    async def started(self, app: App) -> None:
         loop = asyncio.get_running_loop()
         for task in (
-            loop.create_task(self.health.run(), name="health-publish"),
-            loop.create_task(
-                monitor_backend(
-                    self.store, self.health, ping_timeout=self.settings.redis_op_timeout
-                ),
-                name="health-backend-ping",
-            ),
-            loop.create_task(self._listen(), name="primary-link"),
+            loop.create_task(self._listen(app), name="primary-link"),
             loop.create_task(self._report_forever(), name="stats-report"),
         ):
-            self._operations.push_async_callback(cancel_and_wait, task)
+            app.defer(functools.partial(cancel_and_wait, task))
         self.link.send(("ready", os.getpid()))
 
-    async def _listen(self) -> None:
+    async def closed(self) -> None:
+        try:
+            self._send_report()  # the last counts, after the last RPC finished
+        finally:
+            await self.link.close()
+
+    async def _listen(self, app: App) -> None:
         while (message := await self.link.receive()) is not None:
             if message[0] == "config":
-                self.config = message[1]
+                self._sink.adopted(message[1])
             elif message[0] == "stop":
-                self.stop()
-        self.stop()  # the primary is gone: drain and exit rather than serve orphaned
+                app.stop()
+        app.stop()  # the primary is gone: drain and exit rather than serve orphaned
 
     async def _report_forever(self) -> None:
         while True:
@@ -147,16 +165,4 @@ class WorkerApp(App):
 
     def _send_report(self) -> None:
         self.stats.flush()
-        self.link.send(self._report.take())
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            await super().__aexit__(exc_type, exc, tb)
-        finally:
-            self._send_report()  # the last counts, after the last RPC finished
-            await self.link.close()
+        self.link.send(self.report.take())

@@ -127,18 +127,6 @@ class Aggregate(Protocol):
     def forget(self, worker: int) -> None: ...
 
 
-class Primary(Protocol):
-    """What the supervisor needs of the primary's app: its current config, where config changes
-    are announced, and where worker stats are summed."""
-
-    @property
-    def config(self) -> RateLimitConfig | None: ...
-
-    @property
-    def aggregate(self) -> Aggregate: ...
-
-    config_listeners: list[Callable[[RateLimitConfig | None], None]]
-
 # -- the link between the primary and a worker ----------------------------------------------------
 
 
@@ -210,7 +198,8 @@ class WorkerPool:
         self._sockets: dict[int, socket.socket] = {}  # the primary's end, until linked
         self._links: dict[int, Link] = {}
         self._ready: set[int] = set()
-        self._app: Primary | None = None
+        self._current_config: Callable[[], RateLimitConfig | None] | None = None
+        self._aggregate: Aggregate | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._all_exited = asyncio.Event()
@@ -232,15 +221,18 @@ class WorkerPool:
         self._processes[index] = process
         self._sockets[index] = ours
         log.info("started gRPC worker %d (pid %d)", index, process.pid)
-        if self._app is not None:
+        if self._aggregate is not None:
             self._watch(index)
 
     # -- running inside the primary's event loop --
 
-    def attach(self, app: Primary) -> None:
-        """Start talking to the workers: each gets the current config, then every new one."""
-        self._app = app
-        app.config_listeners.append(self.publish_config)
+    def attach(
+        self, current_config: Callable[[], RateLimitConfig | None], aggregate: Aggregate
+    ) -> None:
+        """Start talking to the workers: each gets the current config (then every one passed to
+        ``publish_config``) and sends its stats to ``aggregate``."""
+        self._current_config = current_config
+        self._aggregate = aggregate
         for index in list(self._processes):
             self._watch(index)
 
@@ -250,21 +242,21 @@ class WorkerPool:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve_link(self, index: int) -> None:
-        assert self._app is not None
-        app = self._app
+        assert self._aggregate is not None and self._current_config is not None
+        aggregate = self._aggregate
         link = await Link.open(self._sockets.pop(index))
         self._links[index] = link
-        link.send(("config", app.config))
+        link.send(("config", self._current_config()))
         try:
             while (message := await link.receive()) is not None:
                 if message[0] == "stats":
-                    app.aggregate.merge(index, *message[1:])
+                    aggregate.merge(index, *message[1:])
                 elif message[0] == "ready":
                     self._on_ready(index, message[1])
         finally:
             self._links.pop(index, None)
             await link.close()
-            app.aggregate.forget(index)
+            aggregate.forget(index)
             self._ready.discard(index)
         await self._reap(index)
 

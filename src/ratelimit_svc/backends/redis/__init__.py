@@ -14,7 +14,7 @@ from ratelimit_svc.backends.redis.connection import CommandStore
 from ratelimit_svc.errors import BackendError
 
 if TYPE_CHECKING:
-    from ratelimit_svc.limiter.store import CounterStore
+    from ratelimit_svc.limiter.store import CounterStore, StatsScope
     from ratelimit_svc.settings.model import RedisSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -86,27 +86,39 @@ async def open_redis_store(
         raise
 
 
-async def open_store(settings: Settings, clock: Callable[[], float]) -> CounterStore:
-    """The backend table's factory: REDIS_* (and with REDIS_PERSECOND=true, REDIS_PERSECOND_*
-    for SECOND-unit counters), REDIS_OP_TIMEOUT and the startup backoff."""
+async def open_store(
+    settings: Settings, clock: Callable[[], float], scope: StatsScope
+) -> CounterStore:
+    """The backend factory: REDIS_* (and with REDIS_PERSECOND=true, REDIS_PERSECOND_* for
+    SECOND-unit counters), REDIS_OP_TIMEOUT and the startup backoff. Connection counts go to
+    ``redis_pool`` and ``redis_per_second_pool`` under ``scope``, as the reference's."""
 
-    async def open_one(cfg: RedisSettings) -> CounterStore:
-        return await open_redis_store(
+    async def open_one(cfg: RedisSettings, pool_scope: str) -> CounterStore:
+        store = await open_redis_store(
             cfg,
             op_timeout=settings.redis_op_timeout,
             startup_initial_interval=settings.redis_startup_initial_interval,
             startup_max_interval=settings.redis_startup_max_interval,
             startup_max_elapsed=settings.redis_startup_max_elapsed_time,
         )
+        report_pool(store, scope.scope(pool_scope))
+        return store
 
-    main = await open_one(settings.redis)
+    main = await open_one(settings.redis, "redis_pool")
     if not settings.redis_persecond:
         return main
     from ratelimit_svc.backends.persecond import PerSecondStore
 
     try:
-        per_second = await open_one(settings.redis_persecond_settings)
+        per_second = await open_one(settings.redis_persecond_settings, "redis_per_second_pool")
     except BaseException:
         await main.close()
         raise
     return PerSecondStore(main, per_second)
+
+
+def report_pool(store: CommandStore, scope: StatsScope) -> None:
+    """``<scope>.cx_active`` (gauge), ``cx_total`` and ``cx_local_close`` (counters)."""
+    scope.gauge("cx_active", lambda: store.pool_stats().get("cx_active", 0))
+    scope.counter("cx_total", lambda: store.pool_stats().get("cx_total", 0))
+    scope.counter("cx_local_close", lambda: store.pool_stats().get("cx_local_close", 0))

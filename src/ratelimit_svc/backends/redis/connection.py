@@ -280,6 +280,10 @@ class CommandStore:
     async def _send(self, commands: Sequence[Command]) -> list[Any]:
         raise NotImplementedError
 
+    def pool_stats(self) -> dict[str, int]:
+        """Connection counts: ``cx_active``, ``cx_total`` and ``cx_local_close``."""
+        raise NotImplementedError
+
     def _redact(self, text: str) -> str:
         return text
 
