@@ -43,6 +43,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# The settings table of docs/configuration.md, from the settings model (a unit test checks it).
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/python -m ratelimit_svc.settings.table docs/configuration.md
+
 proto: $(STAMP)
 	$(BIN)/python scripts/genproto.py
 

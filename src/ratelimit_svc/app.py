@@ -103,7 +103,7 @@ def config_source(settings: Settings) -> ConfigSource:
         return XdsConfigClient(
             settings,
             wait_first=not settings.force_start_without_initial_config,
-            max_message_bytes=settings.xds_client_max_msg_size_in_bytes,
+            max_message_bytes=settings.xds.max_msg_size_in_bytes,
         )
     location = RuntimeLocation(
         settings.runtime_root,
@@ -253,12 +253,14 @@ class App:
 
     def _traced_store(self, store: CounterStore) -> CounterStore:
         """The store the limiter uses: each round trip a span when TRACING_ENABLED."""
-        if self.settings.tracing_enabled and self.tracing is None:
+        if self.settings.tracing.enabled and self.tracing is None:
             from ratelimit_svc.tracing import (
                 Tracing,  # imported only now: no OpenTelemetry when tracing is off
             )
 
-            self.tracing = Tracing(self.settings, self._span_exporter)
+            self.tracing = Tracing(
+                self.settings.tracing, self.settings.backend_type, self._span_exporter
+            )
         return store if self.tracing is None else self.tracing.wrap_store(store)
 
     def _interceptors(self) -> list[Any]:
@@ -270,7 +272,7 @@ class App:
         if limiter.local_cache is not None:
             self.stats.add_collector(local_cache_collector(limiter.local_cache))
         if self.operator_ports:
-            self.reporter = await start_reporter(self.settings, self.stats)
+            self.reporter = await start_reporter(self.settings.stats, self.stats)
 
     async def _close_telemetry(self) -> None:
         reporter, self.reporter = self.reporter, None

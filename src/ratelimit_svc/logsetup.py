@@ -19,7 +19,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TextIO
 
-from ratelimit_svc.settings.model import REDACTED, Settings
+from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.settings.parse import REDACTED
 
 LEVELS = {
     "TRACE": logging.DEBUG,
@@ -59,7 +60,7 @@ def secrets_of(settings: Settings) -> tuple[str, ...]:
                 found.add(value)
                 if ":" in value:
                     found.add(value.partition(":")[2])
-    found.update(v for v in settings.config_grpc_xds_client_additional_headers.values() if v)
+    found.update(v for v in settings.xds.client_additional_headers.values() if v)
     return tuple(s for s in found if s)
 
 

@@ -33,7 +33,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ratelimit_svc.limiter.store import CounterStore, Increment
-from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.settings.model import TracingSettings
 
 SERVICE_PREFIX = "/envoy.service.ratelimit.v3.RateLimitService/"
 
@@ -51,18 +51,20 @@ def _exporter(protocol: str) -> SpanExporter:
 class Tracing:
     """The tracer provider, the propagator, and the hooks that create spans."""
 
-    def __init__(self, settings: Settings, exporter: SpanExporter | None = None) -> None:
-        attributes = {"service.name": settings.tracing_service_name}
-        if settings.tracing_service_namespace:
-            attributes["service.namespace"] = settings.tracing_service_namespace
-        if settings.tracing_service_instance_id:
-            attributes["service.instance.id"] = settings.tracing_service_instance_id
+    def __init__(
+        self, settings: TracingSettings, backend: str, exporter: SpanExporter | None = None
+    ) -> None:
+        attributes = {"service.name": settings.service_name}
+        if settings.service_namespace:
+            attributes["service.namespace"] = settings.service_namespace
+        if settings.service_instance_id:
+            attributes["service.instance.id"] = settings.service_instance_id
         self.provider = TracerProvider(
             resource=Resource.create(attributes),
-            sampler=ParentBased(TraceIdRatioBased(settings.tracing_sampling_rate)),
+            sampler=ParentBased(TraceIdRatioBased(settings.sampling_rate)),
         )
         if exporter is None:
-            processor: Any = BatchSpanProcessor(_exporter(settings.tracing_exporter_protocol))
+            processor: Any = BatchSpanProcessor(_exporter(settings.exporter_protocol))
         else:
             processor = SimpleSpanProcessor(exporter)  # given by tests: spans visible at once
         self.provider.add_span_processor(processor)
@@ -70,7 +72,7 @@ class Tracing:
         self.propagator = CompositePropagator(
             [TraceContextTextMapPropagator(), W3CBaggagePropagator(), B3MultiFormat()]
         )
-        self.backend = settings.backend_type
+        self.backend = backend
 
     def extract(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Context:
         """The caller's trace context from gRPC metadata (empty when there is none)."""

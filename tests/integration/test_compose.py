@@ -157,7 +157,7 @@ def test_ratelimit_environment_is_valid_for_the_service() -> None:
     settings = Settings.from_env(environment)
     assert settings.backend_type == "redis"
     assert settings.redis.url == "redis:6379" and "redis" in SERVICES
-    assert (settings.use_prometheus, settings.use_statsd) == (True, False)
+    assert (settings.stats.use_prometheus, settings.stats.use_statsd) == (True, False)
     # The config directory the service reads is the one mounted from config/.
     config_dir = "/".join(
         (settings.runtime_root, settings.runtime_subdirectory, settings.runtime_appdirectory)
@@ -174,9 +174,9 @@ def test_prometheus_scrapes_the_service() -> None:
         {k: str(v) for k, v in SERVICES["ratelimit"]["environment"].items()}
     )
     (job,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "ratelimit"]
-    port = settings.prometheus_addr.rsplit(":", 1)[1]
+    port = settings.stats.prometheus_addr.rsplit(":", 1)[1]
     assert job["static_configs"][0]["targets"] == [f"ratelimit:{port}"]
-    assert job["metrics_path"] == settings.prometheus_path
+    assert job["metrics_path"] == settings.stats.prometheus_path
 
 
 # -- Envoy's config ------------------------------------------------------------------------------

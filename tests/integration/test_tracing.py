@@ -136,7 +136,7 @@ async def test_sampling_rate_zero_still_follows_a_sampled_caller(tmp_path: Path,
     [("http", "opentelemetry.exporter.otlp.proto.http"), ("grpc", "opentelemetry.exporter.otlp.proto.grpc")],
 )
 async def test_exporter_follows_the_protocol_setting(protocol: str, module: str) -> None:
-    tracing = Tracing(Settings.from_env({"TRACING_ENABLED": "true", "TRACING_EXPORTER_PROTOCOL": protocol}))
+    tracing = Tracing(Settings.from_env({"TRACING_ENABLED": "true", "TRACING_EXPORTER_PROTOCOL": protocol}).tracing, "memory")
     try:
         processors = tracing.provider._active_span_processor._span_processors
         exporter = processors[0].span_exporter  # type: ignore[attr-defined]

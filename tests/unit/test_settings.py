@@ -1,25 +1,24 @@
-"""SPEC 7 and 12: environment variables, their reference defaults, parsing, errors and redaction."""
+"""Environment variables, their reference defaults, parsing, errors and redaction
+(docs/configuration.md)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
 
 from ratelimit_svc.errors import SettingsError
-from ratelimit_svc.settings.model import (
+from ratelimit_svc.settings.model import RedisSettings, Settings, parse_redis, variables
+from ratelimit_svc.settings.parse import (
     REDACTED,
-    RedisSettings,
-    Settings,
     boolean,
     duration,
     integer,
     number,
-    parse_redis,
     seconds,
     string_list,
     string_map,
@@ -103,12 +102,10 @@ DEFAULTS: dict[str, object] = {
     "limit_remaining_header": "RateLimit-Remaining",
     "limit_reset_header": "RateLimit-Reset",
     "healthy_with_at_least_one_config_loaded": False,
-    "redis": REDIS_DEFAULTS,
+    **{f"redis_{name}": value for name, value in REDIS_DEFAULTS.items()},
     "redis_persecond": False,
-    "redis_persecond_settings": {
-        **REDIS_DEFAULTS,
-        "url": "/var/run/nutcracker/ratelimitpersecond.sock",
-    },
+    **{f"redis_persecond_{name}": value for name, value in REDIS_DEFAULTS.items()},
+    "redis_persecond_url": "/var/run/nutcracker/ratelimitpersecond.sock",
     "redis_health_check_active_connection": False,
     "redis_op_timeout": 1.0,
     "redis_startup_initial_interval": 1.0,
@@ -147,13 +144,26 @@ DEFAULTS: dict[str, object] = {
 }
 
 REDIS_FIELDS = [f.name for f in dataclasses.fields(RedisSettings)]
-ALL_VARIABLES = (
-    [f.name.upper() for f in dataclasses.fields(Settings) if not f.name.startswith("redis")]
-    + ["REDIS_PERSECOND", "REDIS_HEALTH_CHECK_ACTIVE_CONNECTION", "REDIS_OP_TIMEOUT"]
-    + ["REDIS_STARTUP_INITIAL_INTERVAL", "REDIS_STARTUP_MAX_INTERVAL"]
-    + ["REDIS_STARTUP_MAX_ELAPSED_TIME"]
-    + [prefix + name.upper() for prefix in ("REDIS_", "REDIS_PERSECOND_") for name in REDIS_FIELDS]
-)
+ALL_VARIABLES = [variable for variable, _, _ in variables(Settings())]
+
+
+def flat_raw(settings: Settings) -> dict[str, object]:
+    """Every setting by its variable (lower case), as stored."""
+    return {variable.lower(): value for variable, _, value in variables(settings)}
+
+
+def flat(settings: Settings) -> dict[str, object]:
+    """Every setting by its variable (lower case), as plain data with credentials redacted."""
+    plain: dict[str, object] = {}
+    for variable, row, value in variables(settings):
+        if row.secret and value:
+            value = dict.fromkeys(value, REDACTED) if isinstance(value, Mapping) else REDACTED
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        plain[variable.lower()] = value
+    return plain
 
 
 def raw_values(obj: object) -> list[object]:
@@ -177,11 +187,12 @@ def error_for(env: dict[str, str]) -> str:
 
 
 def test_defaults_are_the_references() -> None:
-    assert Settings.from_env({}).redacted() == DEFAULTS
+    assert flat(Settings.from_env({})) == DEFAULTS
 
 
 def test_every_field_has_a_checked_default() -> None:
-    assert [f.name for f in dataclasses.fields(Settings)] == list(DEFAULTS)
+    assert sorted(flat(Settings())) == sorted(DEFAULTS)
+    assert len(ALL_VARIABLES) == len(set(ALL_VARIABLES)) == len(DEFAULTS)
     assert REDIS_FIELDS == list(REDIS_DEFAULTS)
 
 
@@ -199,7 +210,7 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.port = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
-        settings.extra_tags["a"] = "c"  # type: ignore[index]
+        settings.stats.extra_tags["a"] = "c"  # type: ignore[index]
 
 
 # -- parsers -------------------------------------------------------------------------------------
@@ -302,7 +313,7 @@ def test_duration_variables_are_stored_as_seconds() -> None:
     )
     assert settings.grpc_max_connection_age == 5400.0
     assert settings.redis.pipeline_window == pytest.approx(150e-6)
-    assert settings.stats_flush_interval == 1.5
+    assert settings.stats.stats_flush_interval == 1.5
 
 
 @pytest.mark.parametrize(
@@ -330,7 +341,7 @@ def test_shutdown_drain_rejects_other_text(raw: str) -> None:
 )  # fmt: skip
 def test_lists_are_comma_separated(raw: str, expected: tuple[str, ...]) -> None:
     assert string_list(raw) == expected
-    assert Settings.from_env({"MEMCACHE_HOST_PORT": raw}).memcache_host_port == expected
+    assert Settings.from_env({"MEMCACHE_HOST_PORT": raw}).memcache.host_port == expected
 
 
 @pytest.mark.parametrize(
@@ -341,7 +352,7 @@ def test_lists_are_comma_separated(raw: str, expected: tuple[str, ...]) -> None:
 )  # fmt: skip
 def test_maps_are_key_colon_value_pairs(raw: str, expected: dict[str, str]) -> None:
     assert dict(string_map(raw)) == expected
-    assert dict(Settings.from_env({"EXTRA_TAGS": raw}).extra_tags) == expected
+    assert dict(Settings.from_env({"EXTRA_TAGS": raw}).stats.extra_tags) == expected
 
 
 @pytest.mark.parametrize(
@@ -375,7 +386,7 @@ def test_bad_maps_are_rejected(raw: str, problem: str) -> None:
 def test_enums_are_case_insensitive_and_normalised(
     variable: str, raw: str, field: str, expected: str
 ) -> None:
-    assert getattr(Settings.from_env({variable: raw}), field) == expected
+    assert flat_raw(Settings.from_env({variable: raw}))[field] == expected
 
 
 @pytest.mark.parametrize(
@@ -437,7 +448,7 @@ def test_out_of_range_values_are_rejected(variable: str, raw: str, bound: str) -
 def test_values_at_the_bounds_are_accepted(
     env: dict[str, str], field: str, expected: object
 ) -> None:
-    assert getattr(Settings.from_env(env), field) == expected
+    assert flat_raw(Settings.from_env(env))[field] == expected
 
 
 # -- every kind of invalid value names the variable and the value --------------------------------
@@ -483,14 +494,14 @@ def test_invalid_values_name_the_variable_and_the_value(
      ("REDIS_OP_TIMEOUT", "redis_op_timeout")],
 )  # fmt: skip
 def test_empty_non_string_values_mean_the_default(variable: str, field: str) -> None:
-    assert getattr(Settings.from_env({variable: ""}), field) == getattr(Settings(), field)
+    assert flat_raw(Settings.from_env({variable: ""}))[field] == flat_raw(Settings())[field]
 
 
 def test_empty_strings_stay_empty_as_in_the_reference() -> None:
     settings = Settings.from_env(
         {"STATSD_HOST": "", "RUNTIME_APPDIRECTORY": "", "REDIS_URL": "", "LIMIT_LIMIT_HEADER": ""}
     )
-    assert settings.statsd_host == ""
+    assert settings.stats.statsd_host == ""
     assert settings.runtime_appdirectory == ""
     assert settings.redis.url == ""
     assert settings.limit_limit_header == ""
@@ -541,9 +552,9 @@ def test_xds_header_values_are_credentials() -> None:
     settings = Settings.from_env(
         {"CONFIG_GRPC_XDS_CLIENT_ADDITIONAL_HEADERS": "authorization:Bearer tok3n"}
     )
-    assert settings.config_grpc_xds_client_additional_headers == {"authorization": "Bearer tok3n"}
+    assert settings.xds.client_additional_headers == {"authorization": "Bearer tok3n"}
     assert "tok3n" not in repr(settings)
-    assert settings.redacted()["config_grpc_xds_client_additional_headers"] == {
+    assert settings.redacted()["xds"]["client_additional_headers"] == {  # type: ignore[index]
         "authorization": REDACTED
     }
 
@@ -562,8 +573,8 @@ def test_redacted_is_plain_json_data() -> None:
     settings = Settings.from_env({"EXTRA_TAGS": "a:b", "USE_DOG_STATSD_MOGRIFIERS": "x,y"})
     plain = settings.redacted()
     assert json.loads(json.dumps(plain)) == plain
-    assert plain["extra_tags"] == {"a": "b"}
-    assert plain["use_dog_statsd_mogrifiers"] == ["x", "y"]
+    assert plain["stats"]["extra_tags"] == {"a": "b"}  # type: ignore[index]
+    assert plain["stats"]["use_dog_statsd_mogrifiers"] == ["x", "y"]  # type: ignore[index]
 
 
 # -- REDIS_ and REDIS_PERSECOND_ -------------------------------------------------------------------
@@ -702,9 +713,9 @@ def test_a_full_environment() -> None:
         "redis_startup_max_elapsed_time": 120.0, "shutdown_drain_seconds": 5.0,
         "tracing_sampling_rate": 0.1, "use_dog_statsd_mogrifiers": ("A", "B"),
     }  # fmt: skip
-    assert {name: getattr(s, name) for name in expected} == expected
+    assert {name: flat_raw(s)[name] for name in expected} == expected
     untouched = {name for name in DEFAULTS if name not in expected}
-    assert {n: v for n, v in s.redacted().items() if n in untouched} == {
+    assert {n: v for n, v in flat(s).items() if n in untouched} == {
         n: v for n, v in DEFAULTS.items() if n in untouched
     }
 
@@ -735,15 +746,15 @@ def test_tiny_and_fractional_durations_truncate_like_go() -> None:
 )
 def test_xds_node_metadata_takes_the_reference_form(raw: str, expected: dict[str, str]) -> None:
     settings = Settings.from_env({"CONFIG_GRPC_XDS_NODE_METADATA": raw})
-    assert dict(settings.config_grpc_xds_node_metadata) == expected
+    assert dict(settings.xds.node_metadata) == expected
 
 
 def test_our_limits_have_defaults_and_parse() -> None:
-    assert (Settings().stats_max_keys, Settings().xds_client_max_msg_size_in_bytes) == (
+    assert (Settings().stats_max_keys, Settings().xds.max_msg_size_in_bytes) == (
         10_000,
         256 * 1024 * 1024,
     )
     settings = Settings.from_env(
         {"STATS_MAX_KEYS": "50", "XDS_CLIENT_MAX_MSG_SIZE_IN_BYTES": "1048576"}
     )
-    assert (settings.stats_max_keys, settings.xds_client_max_msg_size_in_bytes) == (50, 1048576)
+    assert (settings.stats_max_keys, settings.xds.max_msg_size_in_bytes) == (50, 1048576)

@@ -173,10 +173,10 @@ class XdsConfigClient:
         self.sleep = sleep
         self.max_message_bytes = max_message_bytes
         self.backoff = Backoff(
-            settings.xds_client_backoff_initial_interval,
-            settings.xds_client_backoff_max_interval,
-            settings.xds_client_backoff_random_factor,
-            settings.xds_client_backoff_jitter,
+            settings.xds.backoff_initial_interval,
+            settings.xds.backoff_max_interval,
+            settings.xds.backoff_random_factor,
+            settings.xds.backoff_jitter,
             rand,
         )
         self.config: RateLimitConfig | None = None  # the last accepted config
@@ -185,7 +185,7 @@ class XdsConfigClient:
         # gRPC metadata keys are lower case; values of "-bin" keys travel as bytes.
         self._metadata = tuple(
             (key.lower(), value.encode() if key.lower().endswith("-bin") else value)
-            for key, value in settings.config_grpc_xds_client_additional_headers.items()
+            for key, value in settings.xds.client_additional_headers.items()
         )
         self._loaded = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -201,7 +201,7 @@ class XdsConfigClient:
         if self.wait_first:
             log.warning(
                 "waiting for the first rate limit configuration from %s",
-                self.settings.config_grpc_xds_server_url,
+                self.settings.xds.server_url,
             )
             await self.wait_first_config()
 
@@ -226,7 +226,7 @@ class XdsConfigClient:
     # -- the stream ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        url = self.settings.config_grpc_xds_server_url
+        url = self.settings.xds.server_url
         while True:
             try:
                 await self._stream(url)
@@ -310,7 +310,7 @@ class XdsConfigClient:
         credentials = self._credentials()
         if credentials is None:
             return grpc.aio.insecure_channel(url, options=options)
-        san = self.settings.config_grpc_xds_server_tls_san
+        san = self.settings.xds.server_tls_san
         if san:
             options.append(("grpc.ssl_target_name_override", san))
         return grpc.aio.secure_channel(url, credentials, options=options)
@@ -318,12 +318,12 @@ class XdsConfigClient:
     def _credentials(self) -> grpc.ChannelCredentials | None:
         """TLS credentials, read afresh for every connection so rotated files are picked up."""
         s = self.settings
-        if not s.config_grpc_xds_server_use_tls:
+        if not s.xds.server_use_tls:
             return None
         files = {
-            "CONFIG_GRPC_XDS_SERVER_TLS_CACERT": s.config_grpc_xds_server_tls_cacert,
-            "CONFIG_GRPC_XDS_CLIENT_TLS_CERT": s.config_grpc_xds_client_tls_cert,
-            "CONFIG_GRPC_XDS_CLIENT_TLS_KEY": s.config_grpc_xds_client_tls_key,
+            "CONFIG_GRPC_XDS_SERVER_TLS_CACERT": s.xds.server_tls_cacert,
+            "CONFIG_GRPC_XDS_CLIENT_TLS_CERT": s.xds.client_tls_cert,
+            "CONFIG_GRPC_XDS_CLIENT_TLS_KEY": s.xds.client_tls_key,
         }
         if bool(files["CONFIG_GRPC_XDS_CLIENT_TLS_CERT"]) != bool(
             files["CONFIG_GRPC_XDS_CLIENT_TLS_KEY"]
@@ -353,9 +353,9 @@ def _read_files(paths: Mapping[str, str]) -> dict[str, bytes | None]:
 
 def _node(settings: Settings) -> Any:
     metadata = Struct()
-    metadata.update(dict(settings.config_grpc_xds_node_metadata))
+    metadata.update(dict(settings.xds.node_metadata))
     return base_pb2.Node(
-        id=settings.config_grpc_xds_node_id,
+        id=settings.xds.node_id,
         metadata=metadata,
         user_agent_name="ratelimit-svc",
         user_agent_version=__version__,

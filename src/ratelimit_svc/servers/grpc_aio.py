@@ -68,10 +68,10 @@ async def start_grpc_server(
     ]
     credentials = None
     chain = list(interceptors)
-    if settings.grpc_server_use_tls:
-        credentials, _ = tls.server_credentials(settings)
-        if settings.grpc_client_tls_san:
-            chain.insert(0, tls.SanCheck(settings.grpc_client_tls_san))
+    if settings.grpc_tls.server_use_tls:
+        credentials, _ = tls.server_credentials(settings.grpc_tls)
+        if settings.grpc_tls.client_tls_san:
+            chain.insert(0, tls.SanCheck(settings.grpc_tls.client_tls_san))
     server = grpc.aio.server(options=options, interceptors=chain or None)
     add_to_server(service, server)  # answers INVALID_ARGUMENT for undecodable bytes
     health = HealthServicer()

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 
 from ratelimit_svc.errors import SettingsError
-from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.settings.model import GrpcTlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -87,22 +87,24 @@ class CertificateFiles:
         return config
 
 
-def server_credentials(settings: Settings) -> tuple[grpc.ServerCredentials, CertificateFiles]:
-    if not settings.grpc_server_tls_cert or not settings.grpc_server_tls_key:
+def server_credentials(
+    settings: GrpcTlsSettings,
+) -> tuple[grpc.ServerCredentials, CertificateFiles]:
+    if not settings.server_tls_cert or not settings.server_tls_key:
         raise SettingsError(
             "GRPC_SERVER_USE_TLS=true needs GRPC_SERVER_TLS_CERT and GRPC_SERVER_TLS_KEY"
         )
     files = CertificateFiles(
-        settings.grpc_server_tls_cert,
-        settings.grpc_server_tls_key,
-        settings.grpc_client_tls_cacert,
+        settings.server_tls_cert,
+        settings.server_tls_key,
+        settings.client_tls_cacert,
     )
     try:
         initial = files.load()
     except (OSError, ValueError) as exc:
         raise SettingsError(f"gRPC TLS: cannot load the server certificate: {exc}") from None
     credentials = grpc.dynamic_ssl_server_credentials(
-        initial, files.fetch, require_client_authentication=bool(settings.grpc_client_tls_cacert)
+        initial, files.fetch, require_client_authentication=bool(settings.client_tls_cacert)
     )
     return credentials, files
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ratelimit_svc.errors import SettingsError
-from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.settings.model import StatsSettings
 from ratelimit_svc.stats.registry import MemoryStats, StatsSink
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class RunningSink(StatsSink, Protocol):
     async def close(self) -> None: ...
 
 
-def _statsd(settings: Settings, stats: MemoryStats) -> RunningSink:
+def _statsd(settings: StatsSettings, stats: MemoryStats) -> RunningSink:
     from ratelimit_svc.stats.statsd import StatsdSink
 
     return StatsdSink(
@@ -41,7 +41,7 @@ def _statsd(settings: Settings, stats: MemoryStats) -> RunningSink:
     )
 
 
-def _dogstatsd(settings: Settings, stats: MemoryStats) -> RunningSink:
+def _dogstatsd(settings: StatsSettings, stats: MemoryStats) -> RunningSink:
     from ratelimit_svc.stats.statsd import StatsdSink
 
     if settings.use_dog_statsd_mogrifiers:
@@ -59,7 +59,7 @@ def _dogstatsd(settings: Settings, stats: MemoryStats) -> RunningSink:
     )
 
 
-def _prometheus(settings: Settings, stats: MemoryStats) -> RunningSink:
+def _prometheus(settings: StatsSettings, stats: MemoryStats) -> RunningSink:
     from ratelimit_svc.stats.prometheus import PrometheusSink
 
     return PrometheusSink(
@@ -70,14 +70,14 @@ def _prometheus(settings: Settings, stats: MemoryStats) -> RunningSink:
     )
 
 
-SINKS: dict[str, Callable[[Settings, MemoryStats], RunningSink]] = {
+SINKS: dict[str, Callable[[StatsSettings, MemoryStats], RunningSink]] = {
     "statsd": _statsd,
     "dogstatsd": _dogstatsd,
     "prometheus": _prometheus,
 }
 
 
-def sink_kind(settings: Settings) -> str | None:
+def sink_kind(settings: StatsSettings) -> str | None:
     if settings.disable_stats:
         return None
     if settings.use_prometheus:
@@ -125,7 +125,7 @@ class StatsReporter:
             await self.sink.close()
 
 
-async def start_reporter(settings: Settings, stats: MemoryStats) -> StatsReporter | None:
+async def start_reporter(settings: StatsSettings, stats: MemoryStats) -> StatsReporter | None:
     """Start the sink the settings choose (None: stats stay in memory only)."""
     kind = sink_kind(settings)
     if kind is None:

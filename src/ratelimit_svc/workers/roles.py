@@ -84,7 +84,13 @@ def worker_main(
     env: dict[str, str], count: int, port: int, index: int, sock: socket.socket
 ) -> None:
     """A worker process: the primary's settings (same environment), one shared port, no sink."""
-    settings = replace(Settings.from_env(env), workers=count, grpc_port=port, disable_stats=True)
+    settings = Settings.from_env(env)
+    settings = replace(
+        settings,
+        workers=count,
+        grpc_port=port,
+        stats=replace(settings.stats, disable_stats=True),
+    )
     configure_logging(settings)
     try:
         run_loop(_serve_worker(settings, index, sock))

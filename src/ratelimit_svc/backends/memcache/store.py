@@ -51,7 +51,7 @@ from ratelimit_svc.limiter.store import Increment
 if TYPE_CHECKING:
     import ssl
 
-    from ratelimit_svc.settings.model import Settings
+    from ratelimit_svc.settings.model import MemcacheSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -372,27 +372,29 @@ class MemcacheStore:
         task.add_done_callback(self._retiring.discard)
 
 
-async def open_memcache_store(settings: Settings, clock: Callable[[], float]) -> MemcacheStore:
+async def open_memcache_store(
+    cfg: MemcacheSettings, *, op_timeout: float, clock: Callable[[], float]
+) -> MemcacheStore:
     """MEMCACHE_* settings → a started store (no I/O except the SRV lookup)."""
     tls = None
-    if settings.memcache_tls:
+    if cfg.tls:
         try:
             tls = tls_context(
-                cacert=settings.memcache_tls_cacert,
-                client_cert=settings.memcache_tls_client_cert,
-                client_key=settings.memcache_tls_client_key,
-                skip_hostname=settings.memcache_tls_skip_hostname_verification,
+                cacert=cfg.tls_cacert,
+                client_cert=cfg.tls_client_cert,
+                client_key=cfg.tls_client_key,
+                skip_hostname=cfg.tls_skip_hostname_verification,
             )
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise BackendError(f"memcache: cannot load the MEMCACHE_TLS_* files: {exc}") from None
     store = MemcacheStore(
-        settings.memcache_host_port,
-        op_timeout=settings.redis_op_timeout,
-        max_idle_conns=settings.memcache_max_idle_conns,
+        cfg.host_port,
+        op_timeout=op_timeout,
+        max_idle_conns=cfg.max_idle_conns,
         tls=tls,
         clock=clock,
-        srv=settings.memcache_srv,
-        srv_refresh=settings.memcache_srv_refresh,
+        srv=cfg.srv,
+        srv_refresh=cfg.srv_refresh,
     )
     try:
         await store.start()
@@ -404,4 +406,6 @@ async def open_memcache_store(settings: Settings, clock: Callable[[], float]) ->
 
 async def open_store(settings: Settings, clock: Callable[[], float]) -> MemcacheStore:
     """The backend table's factory (BACKEND_TYPE=memcache)."""
-    return await open_memcache_store(settings, clock)
+    return await open_memcache_store(
+        settings.memcache, op_timeout=settings.redis_op_timeout, clock=clock
+    )
