@@ -17,27 +17,9 @@ from typing import Any
 
 import yaml
 
-from ratelimit_svc.config.rules import (
-    EMPTY_CONFIG,
-    Node,
-    RateLimitConfig,
-    Rule,
-    Unit,
-    wildcard_pattern,
-)
+from ratelimit_svc.config.build import Builder, ParsedDescriptor, ParsedLimit
+from ratelimit_svc.config.rules import Node, RateLimitConfig
 from ratelimit_svc.errors import ConfigError
-
-__all__ = [
-    "EMPTY_CONFIG",
-    "VALID_KEYS",
-    "ConfigFile",
-    "Node",
-    "RateLimitConfig",
-    "Rule",
-    "Unit",
-    "load_config",
-    "wildcard_pattern",
-]
 
 VALID_KEYS = frozenset(
     "domain key value descriptors rate_limit unit requests_per_unit unlimited shadow_mode "
@@ -321,19 +303,11 @@ class _Loader:
         descriptors = self.sequence(fields.get("descriptors"), "descriptors")
         # Type-check the whole document before semantic checks, as the reference decodes it first.
         parsed = [self.parse_descriptor(d, f"descriptors[{i}]") for i, d in enumerate(descriptors)]
-        if not domain:
-            raise self.error("config file cannot have empty domain", document)
-        root = self.domains.get(domain)
-        if root is not None and not self.merge:
-            raise self.error(
-                f"duplicate domain '{domain}' in config file", fields.get("domain"), "domain"
-            )
-        if root is None:
-            root = Node(key="", value="", composite="")
-            self.domains[domain] = root
-        self.add_descriptors(root, domain + ".", parsed)
+        Builder(self.name, self.domains, self.merge, _where).add_domain(
+            domain, parsed, document=document, domain_node=fields.get("domain")
+        )
 
-    def parse_descriptor(self, node: yaml.Node, path: str) -> _Parsed:
+    def parse_descriptor(self, node: yaml.Node, path: str) -> ParsedDescriptor:
         fields = self.mapping(node, path)
         rate_limit = None
         if "rate_limit" in fields and not _is_null(fields["rate_limit"]):
@@ -343,7 +317,7 @@ class _Loader:
             for i, item in enumerate(self.sequence(rl.get("replaces"), f"{rl_path}.replaces")):
                 entry = self.mapping(item, f"{rl_path}.replaces[{i}]")
                 replaces.append(self.text(entry.get("name"), f"{rl_path}.replaces[{i}].name"))
-            rate_limit = _ParsedLimit(
+            rate_limit = ParsedLimit(
                 node=fields["rate_limit"],
                 unit=self.text(rl.get("unit"), f"{rl_path}.unit"),
                 requests_per_unit=self.uint32(
@@ -359,7 +333,7 @@ class _Loader:
                 self.sequence(fields.get("descriptors"), f"{path}.descriptors")
             )
         ]
-        return _Parsed(
+        return ParsedDescriptor(
             node=node,
             path=path,
             key=self.text(fields.get("key"), f"{path}.key"),
@@ -373,94 +347,3 @@ class _Loader:
             metadata=self.free_form(fields.get("metadata"), f"{path}.metadata"),
             children=children,
         )
-
-    def add_descriptors(self, parent: Node, parent_key: str, descriptors: list[_Parsed]) -> None:
-        for d in descriptors:
-            if not d.key:
-                raise self.error("descriptor has empty key", d.node, d.path)
-            composite = f"{d.key}_{d.value}" if d.value else d.key
-            stats_key = parent_key + composite
-            if composite in parent.children:
-                raise self.error(
-                    f"duplicate descriptor composite key '{stats_key}'", d.node, d.path
-                )
-            rule = self.build_rule(d, stats_key)
-            if d.share_threshold and "*" not in d.value:
-                raise self.error(
-                    "share_threshold can only be used with wildcard values (containing '*'), "
-                    f"but found key '{composite}'",
-                    d.node,
-                    d.path,
-                )
-            node = Node(
-                key=d.key,
-                value=d.value,
-                composite=composite,
-                rule=rule,
-                value_to_metric=d.value_to_metric,
-                share_threshold=d.share_threshold,
-            )
-            self.add_descriptors(node, stats_key + ".", d.children)
-            parent.children[composite] = node
-            if "*" in d.value:
-                parent.wildcards.append((wildcard_pattern(composite), node))
-
-    def build_rule(self, d: _Parsed, stats_key: str) -> Rule | None:
-        limit = d.rate_limit
-        if limit is None:
-            return None
-        path = f"{d.path}.rate_limit"
-        unit = Unit.__members__.get(limit.unit.upper(), Unit.UNKNOWN)
-        valid_unit = unit is not Unit.UNKNOWN
-        if limit.unlimited:
-            if valid_unit:
-                raise self.error(
-                    "should not specify rate limit unit when unlimited", limit.node, path
-                )
-        elif not valid_unit:
-            raise self.error(f"invalid rate limit unit '{limit.unit}'", limit.node, path)
-        for name in limit.replaces:
-            if not name:
-                raise self.error("should not have an empty replaces entry", limit.node, path)
-            if name == limit.name:
-                raise self.error(
-                    "replaces should not contain name of same descriptor", limit.node, path
-                )
-        return Rule(
-            requests_per_unit=limit.requests_per_unit,
-            unit=unit,
-            stats_key=stats_key,
-            name=limit.name,
-            replaces=frozenset(limit.replaces),
-            unlimited=limit.unlimited,
-            shadow_mode=d.shadow_mode,
-            quota_mode=d.quota_mode,
-            detailed_metric=d.detailed_metric,
-            metadata=d.metadata,
-        )
-
-
-@dataclass(slots=True)
-class _ParsedLimit:
-    node: yaml.Node
-    unit: str
-    requests_per_unit: int
-    unlimited: bool
-    name: str
-    replaces: list[str]
-
-
-@dataclass(slots=True)
-class _Parsed:
-    node: yaml.Node
-    path: str
-    key: str
-    value: str
-    rate_limit: _ParsedLimit | None
-    shadow_mode: bool
-    quota_mode: bool
-    detailed_metric: bool
-    value_to_metric: bool
-    share_threshold: bool
-    metadata: dict[str, Any] | None
-    children: list[_Parsed]

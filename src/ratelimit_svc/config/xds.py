@@ -2,9 +2,9 @@
 
 ``XdsConfigClient`` keeps one wildcard subscription to resources of type ``TYPE_URL`` on Envoy's
 aggregated discovery service, reconnecting with exponential backoff whenever the stream breaks.
-Every response is the complete set of rules: each RateLimitConfig resource becomes one config
-document named after the resource (rendered as the YAML a file would hold, so validation, error
-texts and MERGE_DOMAIN_CONFIG are exactly the file loader's), all are loaded together, and the
+Every response is the complete set of rules: each RateLimitConfig resource is one config document
+named after the resource, read straight into the rule model through the checks a file goes through
+(so error texts and MERGE_DOMAIN_CONFIG are the file loader's), all are loaded together, and the
 result is either reported to the App (the ``ConfigSink`` of config/source.py) and ACKed, or
 reported as an error and NACKed with its text while the last accepted config stays in effect.
 """
@@ -14,20 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 from google.protobuf import json_format, message
 from google.protobuf.struct_pb2 import Struct
 
 from ratelimit_svc import __version__
-from ratelimit_svc.config.loader import ConfigFile, load_config
-from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.config.build import Builder, ParsedDescriptor, ParsedLimit
+from ratelimit_svc.config.rules import Node, RateLimitConfig
 from ratelimit_svc.config.source import ConfigSink
 from ratelimit_svc.errors import ConfigError, SettingsError
 from ratelimit_svc.pb.envoy.config.core.v3 import base_pb2
@@ -51,15 +49,26 @@ _MAX_DOUBLINGS = 60  # 2**60 intervals is already past any max interval
 def load_resources(
     resources: Sequence[Any], *, merge_domains: bool = False
 ) -> RateLimitConfig:
-    """Validate and build the config from one response's resources (``google.protobuf.Any``)."""
-    files = [_to_config_file(index, resource) for index, resource in enumerate(resources)]
-    try:
-        return load_config(files, merge_domains=merge_domains)
-    except ConfigError as exc:
-        raise ConfigError(_without_yaml_lines(str(exc))) from None
+    """Validate and build the config from one response's resources (``google.protobuf.Any``):
+    each RateLimitConfig message is read straight into the rule model, through the same checks
+    as a file (config/build.py); errors point at the path in the resource."""
+    domains: dict[str, Node] = {}
+    for index, resource in enumerate(resources):
+        config = _decode(index, resource)
+        name = config.name or f"<xDS resource {index}>"
+        builder = Builder(name, domains, merge_domains, _locate)
+        descriptors = [
+            _descriptor(d, f"descriptors[{i}]") for i, d in enumerate(config.descriptors)
+        ]
+        builder.add_domain(config.domain, descriptors)
+    return RateLimitConfig(domains=domains)
 
 
-def _to_config_file(index: int, resource: Any) -> ConfigFile:
+def _locate(node: Any, path: str) -> str:
+    return f" ({path})" if path else ""
+
+
+def _decode(index: int, resource: Any) -> Any:
     if resource.type_url.rpartition("/")[2] != TYPE_URL.rpartition("/")[2]:
         raise ConfigError(
             f"xDS resource {index}: type '{resource.type_url}' is not '{TYPE_URL}'"
@@ -69,51 +78,44 @@ def _to_config_file(index: int, resource: Any) -> ConfigFile:
         config.ParseFromString(resource.value)
     except message.DecodeError as exc:
         raise ConfigError(f"xDS resource {index}: cannot decode RateLimitConfig: {exc}") from None
-    name = config.name or f"<xDS resource {index}>"
-    document = {"domain": config.domain, "descriptors": _descriptors(config.descriptors)}
-    return ConfigFile(name, yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+    return config
 
 
-def _descriptors(descriptors: Iterable[Any]) -> list[dict[str, Any]]:
-    out = []
-    for d in descriptors:
-        node: dict[str, Any] = {"key": d.key, "value": d.value}
-        if d.HasField("rate_limit"):
-            node["rate_limit"] = _policy(d.rate_limit)
-        if d.descriptors:
-            node["descriptors"] = _descriptors(d.descriptors)
-        node.update(
-            shadow_mode=d.shadow_mode, detailed_metric=d.detailed_metric, quota_mode=d.quota_mode
-        )
-        if d.HasField("metadata"):
-            node["metadata"] = json_format.MessageToDict(d.metadata)
-        out.append(node)
-    return out
+def _descriptor(d: Any, path: str) -> ParsedDescriptor:
+    return ParsedDescriptor(
+        node=None,
+        path=path,
+        key=d.key,
+        value=d.value,
+        rate_limit=_limit(d.rate_limit) if d.HasField("rate_limit") else None,
+        shadow_mode=d.shadow_mode,
+        quota_mode=d.quota_mode,
+        detailed_metric=d.detailed_metric,
+        value_to_metric=False,
+        share_threshold=False,
+        metadata=json_format.MessageToDict(d.metadata) if d.HasField("metadata") else None,
+        children=[
+            _descriptor(child, f"{path}.descriptors[{i}]")
+            for i, child in enumerate(d.descriptors)
+        ],
+    )
 
 
-def _policy(policy: Any) -> dict[str, Any]:
+def _limit(policy: Any) -> ParsedLimit:
     # As the reference: the enum's name (UNKNOWN when unset, so "invalid rate limit unit
     # 'UNKNOWN'"), or its number when the control plane sends one this proto does not name.
     try:
         unit = rls_conf_pb2.RateLimitUnit.Name(policy.unit)
     except ValueError:
         unit = str(policy.unit)
-    return {
-        "unit": unit,
-        "requests_per_unit": policy.requests_per_unit,
-        "unlimited": policy.unlimited,
-        "name": policy.name,
-        "replaces": [{"name": r.name} for r in policy.replaces],
-    }
-
-
-# The loader points at lines of the YAML we rendered, which the operator never sees; the path
-# next to it (descriptors[0].rate_limit) names the place in the resource, so keep only that.
-_YAML_LINE = re.compile(r" \(line \d+(?:, (?P<path>[^()]*))?\)$")
-
-
-def _without_yaml_lines(text: str) -> str:
-    return _YAML_LINE.sub(lambda m: f" ({m['path']})" if m["path"] else "", text)
+    return ParsedLimit(
+        node=None,
+        unit=unit,
+        requests_per_unit=policy.requests_per_unit,
+        unlimited=policy.unlimited,
+        name=policy.name,
+        replaces=[r.name for r in policy.replaces],
+    )
 
 
 # -- reconnect backoff -------------------------------------------------------------------------
