@@ -70,9 +70,9 @@ demo-down: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python scripts/soak.py
 
-# ShouldRateLimit under h2load against a bare grpc.aio server (scripts/bench.py,
-# README.md (Performance)): a table and .bench/results.json. BENCH_QUICK=1 for a short run,
-# BENCH_STRICT=1 to fail when a target is missed. Installs h2load and Redis if missing (as root).
+# ShouldRateLimit side by side with envoyproxy/ratelimit built from source (Go), ours on each gRPC
+# transport and the floors (scripts/bench.py, docs/performance.md): a table and .bench/results.json.
+# BENCH_QUICK=1 for a short run, BENCH_STRICT=1 to fail when a target is missed.
 .PHONY: bench
 bench: $(STAMP)
 	@command -v h2load >/dev/null && command -v redis-server >/dev/null \

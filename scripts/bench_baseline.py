@@ -51,7 +51,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument("--server", choices=("grpcio", "pyvoy"), default="grpcio")
     args = parser.parse_args()
+    if args.server != "grpcio":
+        sys.exit(f"bench_baseline: no {args.server} floor in this tree")
     logging.basicConfig(level=logging.WARNING)
     if args.uvloop:
         import uvloop
