@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+from support.service_env import base_env as service_env
 
 from ratelimit_svc.app import App
 from ratelimit_svc.config.files import RuntimeLocation, load_from_files
@@ -37,14 +38,10 @@ def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     config_dir = tmp_path / "runtime" / "rl" / "config"
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "d.yaml").write_text(RULES)
-    env = {
-        "BACKEND_TYPE": "memory", "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0",
-        "HOST": "127.0.0.1", "PORT": "0", "DEBUG_HOST": "127.0.0.1", "DEBUG_PORT": "0",
-        "USE_STATSD": "false", "RUNTIME_ROOT": str(tmp_path / "runtime"),
-        "RUNTIME_SUBDIRECTORY": "rl", "RUNTIME_WATCH_ROOT": "false",
-    }  # fmt: skip
-    env.update(extra)
-    return env
+    return service_env(
+        RUNTIME_ROOT=str(tmp_path / "runtime"), RUNTIME_SUBDIRECTORY="rl",
+        RUNTIME_WATCH_ROOT="false", EXPIRATION_JITTER_MAX_SECONDS="300", **extra,
+    )  # fmt: skip
 
 
 @pytest.fixture

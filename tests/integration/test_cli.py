@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import trustme
 from support.clock import FakeClock
-from test_grpc import base_env, write_rules
+from support.service_env import base_env, write_rules
+from test_grpc import RULES as GRPC_RULES
 
 from ratelimit_svc.app import App
 from ratelimit_svc.main import config_check_main
@@ -114,7 +115,7 @@ async def app(tmp_path: Path) -> AsyncIterator[App]:
     # A fake clock: the three client processes of one test may take seconds, and a real minute
     # boundary between them would reset the per-minute counter.
     clock = FakeClock()
-    async with App(Settings.from_env(base_env(**write_rules(tmp_path))), clock=clock) as running:
+    async with App(Settings.from_env(base_env(**write_rules(tmp_path, GRPC_RULES))), clock=clock) as running:
         yield running
 
 
@@ -173,7 +174,7 @@ async def test_client_with_tls_and_mtls_flags(tmp_path: Path) -> None:
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     env = base_env(
-        **write_rules(tmp_path),
+        **write_rules(tmp_path, GRPC_RULES),
         GRPC_SERVER_USE_TLS="true",
         GRPC_SERVER_TLS_CERT=str(tmp_path / "server.pem"),
         GRPC_SERVER_TLS_KEY=str(tmp_path / "server.key"),

@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.clock import FakeClock
+from support.service_env import base_env, write_rules
 
 from ratelimit_svc.app import App
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
@@ -33,33 +34,6 @@ descriptors:
 """
 
 
-def write_rules(tmp_path: Path, text: str = RULES) -> dict[str, str]:
-    config_dir = tmp_path / "runtime" / "ratelimit" / "config"
-    config_dir.mkdir(parents=True)
-    (config_dir / "basic.yaml").write_text(text)
-    return {
-        "RUNTIME_ROOT": str(tmp_path / "runtime"),
-        "RUNTIME_SUBDIRECTORY": "ratelimit",
-        "RUNTIME_APPDIRECTORY": "config",
-    }
-
-
-def base_env(**extra: str) -> dict[str, str]:
-    env = {
-        "BACKEND_TYPE": "memory",
-        "GRPC_HOST": "127.0.0.1",
-        "GRPC_PORT": "0",
-        "HOST": "127.0.0.1",
-        "PORT": "0",
-        "DEBUG_HOST": "127.0.0.1",
-        "DEBUG_PORT": "0",
-        "USE_STATSD": "false",
-        "EXPIRATION_JITTER_MAX_SECONDS": "0",
-    }
-    env.update(extra)
-    return env
-
-
 def descriptor(*entries: tuple[str, str]) -> ratelimit_pb2.RateLimitDescriptor:
     d = ratelimit_pb2.RateLimitDescriptor()
     for key, value in entries:
@@ -70,7 +44,7 @@ def descriptor(*entries: tuple[str, str]) -> ratelimit_pb2.RateLimitDescriptor:
 @pytest.fixture
 async def app(tmp_path: Path, clock: FakeClock) -> AsyncIterator[App]:
     env = base_env(
-        **write_rules(tmp_path),
+        **write_rules(tmp_path, RULES),
         LIMIT_RESPONSE_HEADERS_ENABLED="true",
         RESPONSE_DYNAMIC_METADATA="true",
     )
@@ -158,7 +132,7 @@ async def test_health_service_serving(app: App) -> None:
 
 async def test_unix_socket_listener(tmp_path: Path) -> None:
     sock = tmp_path / "rls.sock"
-    env = base_env(**write_rules(tmp_path), GRPC_UDS=str(sock))
+    env = base_env(**write_rules(tmp_path, RULES), GRPC_UDS=str(sock))
     async with App(Settings.from_env(env)) as app:
         assert app.grpc is not None and app.grpc.address == f"unix:{sock}"
         async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
@@ -209,7 +183,7 @@ def start_process(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Pope
 @pytest.fixture
 def service_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
     port = free_port()
-    env = base_env(**write_rules(tmp_path), GRPC_PORT=str(port), LOG_LEVEL="INFO")
+    env = base_env(**write_rules(tmp_path, RULES), GRPC_PORT=str(port), LOG_LEVEL="INFO")
     argv = request.param
     proc, lines = start_process(argv, env)
     try:
@@ -296,7 +270,7 @@ def test_make_run_answers_with_the_example_config() -> None:
 def test_duplicate_signal_is_one_signal_and_a_later_second_forces_exit(tmp_path: Path) -> None:
     import time
 
-    env = base_env(**write_rules(tmp_path), GRPC_PORT=str(free_port()), SHUTDOWN_DRAIN_SECONDS="4")
+    env = base_env(**write_rules(tmp_path, RULES), GRPC_PORT=str(free_port()), SHUTDOWN_DRAIN_SECONDS="4")
     proc, _ = start_process([sys.executable, "-m", "ratelimit_svc"], env)
     try:
         assert proc.stderr is not None

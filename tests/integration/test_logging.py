@@ -13,7 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from test_grpc import base_env, descriptor, free_port, start_process, write_rules
+from support.service_env import base_env, write_rules
+from test_grpc import RULES as GRPC_RULES
+from test_grpc import descriptor, free_port, start_process
 
 from ratelimit_svc.app import App
 from ratelimit_svc.logsetup import RedactFilter, configure_logging
@@ -128,7 +130,7 @@ class Records(logging.Handler):
 
 
 async def test_requests_log_nothing_above_debug(tmp_path: Path, restore_root: None) -> None:
-    env = base_env(**write_rules(tmp_path))
+    env = base_env(**write_rules(tmp_path, GRPC_RULES))
     async with App(Settings.from_env(env)) as app:
         assert app.grpc is not None
         records = Records()
@@ -158,7 +160,7 @@ async def test_requests_log_nothing_above_debug(tmp_path: Path, restore_root: No
 
 def test_process_logs_json_to_stderr(tmp_path: Path) -> None:
     port = free_port()
-    env = base_env(**write_rules(tmp_path), GRPC_PORT=str(port), LOG_FORMAT="json", LOG_LEVEL="INFO")
+    env = base_env(**write_rules(tmp_path, GRPC_RULES), GRPC_PORT=str(port), LOG_FORMAT="json", LOG_LEVEL="INFO")
     proc, lines = start_process([sys.executable, "-m", "ratelimit_svc"], env)
     try:
         os.kill(proc.pid, signal.SIGTERM)

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from support.redis_fixtures import RedisServer
+from support.service_env import base_env
 
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
@@ -40,11 +41,11 @@ def replicas(tmp_path: Path, redis_db: RedisServer) -> Iterator[list[int]]:
     (config_dir / "rep.yaml").write_text(RULES)
     env = {
         **os.environ,
-        "BACKEND_TYPE": "redis", "REDIS_SOCKET_TYPE": "tcp", "REDIS_URL": redis_db.url,
-        "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0", "HOST": "127.0.0.1", "PORT": "0",
-        "DEBUG_HOST": "127.0.0.1", "DEBUG_PORT": "0", "USE_STATSD": "false",
-        "RUNTIME_ROOT": str(tmp_path / "runtime"), "RUNTIME_SUBDIRECTORY": "rl",
-        "RUNTIME_WATCH_ROOT": "false", "REDIS_POOL_SIZE": "4",
+        **base_env(
+            BACKEND_TYPE="redis", REDIS_SOCKET_TYPE="tcp", REDIS_URL=redis_db.url,
+            RUNTIME_ROOT=str(tmp_path / "runtime"), RUNTIME_SUBDIRECTORY="rl",
+            RUNTIME_WATCH_ROOT="false", REDIS_POOL_SIZE="4", EXPIRATION_JITTER_MAX_SECONDS="300",
+        ),
     }  # fmt: skip
     processes = [
         subprocess.Popen(

@@ -11,7 +11,9 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from test_grpc import base_env, descriptor, write_rules
+from support.service_env import base_env, write_rules
+from test_grpc import RULES as GRPC_RULES
+from test_grpc import descriptor
 
 from ratelimit_svc.app import App
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
@@ -249,7 +251,7 @@ BAD = rls_pb2.RateLimitRequest(domain="", descriptors=[descriptor(("key1", "x"))
 async def test_app_flushes_to_statsd_every_interval(tmp_path: Path, udp: tuple[UdpListener, int]) -> None:
     listener, port = udp
     env = base_env(
-        **write_rules(tmp_path),
+        **write_rules(tmp_path, GRPC_RULES),
         USE_STATSD="true",
         STATSD_PROTOCOL="udp",
         STATSD_PORT=str(port),
@@ -281,7 +283,7 @@ async def test_app_flushes_to_statsd_every_interval(tmp_path: Path, udp: tuple[U
 async def test_app_flushes_what_is_left_when_it_stops(tmp_path: Path, udp: tuple[UdpListener, int]) -> None:
     listener, port = udp
     env = base_env(
-        **write_rules(tmp_path),
+        **write_rules(tmp_path, GRPC_RULES),
         USE_STATSD="true",
         STATSD_PROTOCOL="udp",
         STATSD_PORT=str(port),
@@ -298,7 +300,7 @@ async def test_app_flushes_what_is_left_when_it_stops(tmp_path: Path, udp: tuple
 async def test_disable_stats_sends_nothing(tmp_path: Path, udp: tuple[UdpListener, int]) -> None:
     listener, port = udp
     env = base_env(
-        **write_rules(tmp_path),
+        **write_rules(tmp_path, GRPC_RULES),
         USE_STATSD="true",
         STATSD_PROTOCOL="udp",
         STATSD_PORT=str(port),

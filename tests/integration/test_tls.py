@@ -11,7 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
-from test_grpc import base_env, descriptor, write_rules
+from support.service_env import base_env, write_rules
+from test_grpc import RULES as GRPC_RULES
+from test_grpc import descriptor
 
 from ratelimit_svc.app import App
 from ratelimit_svc.errors import SettingsError
@@ -77,7 +79,7 @@ async def call(port: int, creds: grpc.ChannelCredentials | None) -> rls_pb2.Rate
 @pytest.fixture
 async def tls_app(tmp_path: Path, pki: Pki, request: pytest.FixtureRequest) -> AsyncIterator[App]:
     extra: dict[str, str] = getattr(request, "param", {})
-    env = base_env(**write_rules(tmp_path), GRPC_SERVER_USE_TLS="true", **pki.server_files())
+    env = base_env(**write_rules(tmp_path, GRPC_RULES), GRPC_SERVER_USE_TLS="true", **pki.server_files())
     if extra.get("mtls"):
         env["GRPC_CLIENT_TLS_CACERT"] = pki.client_ca_file()
     if extra.get("san"):
@@ -174,7 +176,7 @@ async def test_a_broken_rotation_keeps_the_current_certificate(tls_app: App, pki
 
 async def test_missing_certificate_stops_startup(tmp_path: Path) -> None:
     env = base_env(
-        **write_rules(tmp_path),
+        **write_rules(tmp_path, GRPC_RULES),
         GRPC_SERVER_USE_TLS="true",
         GRPC_SERVER_TLS_CERT=str(tmp_path / "nope.pem"),
         GRPC_SERVER_TLS_KEY=str(tmp_path / "nope.key"),

@@ -14,7 +14,9 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from test_grpc import base_env, descriptor, write_rules
+from support.service_env import base_env, write_rules
+from test_grpc import RULES as GRPC_RULES
+from test_grpc import descriptor
 
 from ratelimit_svc.app import App
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
@@ -34,7 +36,7 @@ def exporter() -> InMemorySpanExporter:
 
 async def start(tmp_path: Path, exporter: InMemorySpanExporter, **extra: str) -> App:
     env = base_env(
-        **write_rules(tmp_path),
+        **write_rules(tmp_path, GRPC_RULES),
         TRACING_ENABLED="true",
         TRACING_SERVICE_NAME="rls",
         TRACING_SERVICE_NAMESPACE="edge",
@@ -147,7 +149,7 @@ async def test_exporter_follows_the_protocol_setting(protocol: str, module: str)
 
 def test_no_opentelemetry_import_when_tracing_is_off(tmp_path: Path) -> None:
     """The zero-cost promise: a service without TRACING_ENABLED never loads OpenTelemetry."""
-    env = base_env(**write_rules(tmp_path))
+    env = base_env(**write_rules(tmp_path, GRPC_RULES))
     script = textwrap.dedent(
         f"""
         import asyncio, sys

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from support.clock import FakeClock
+from support.service_env import base_env
 from support.xds_server import WAIT_SECONDS, AdsServer, rate_limit_config, rule
 
 from ratelimit_svc.app import App
@@ -30,21 +31,13 @@ REQUEST = rls_pb2.RateLimitRequest(
 
 def settings(port: int, **extra: str) -> Settings:
     return Settings.from_env(
-        {
-            "CONFIG_TYPE": "GRPC_XDS_SOTW",
-            "CONFIG_GRPC_XDS_SERVER_URL": f"127.0.0.1:{port}",
-            "BACKEND_TYPE": "memory",
-            "GRPC_HOST": "127.0.0.1",
-            "GRPC_PORT": "0",
-            "HOST": "127.0.0.1",
-            "PORT": "0",
-            "DEBUG_HOST": "127.0.0.1",
-            "DEBUG_PORT": "0",
-            "USE_STATSD": "false",
-            "XDS_CLIENT_BACKOFF_INITIAL_INTERVAL": "100ms",
-            "XDS_CLIENT_BACKOFF_MAX_INTERVAL": "200ms",
+        base_env(
+            CONFIG_TYPE="GRPC_XDS_SOTW",
+            CONFIG_GRPC_XDS_SERVER_URL=f"127.0.0.1:{port}",
+            XDS_CLIENT_BACKOFF_INITIAL_INTERVAL="100ms",
+            XDS_CLIENT_BACKOFF_MAX_INTERVAL="200ms",
             **extra,
-        }
+        )
     )
 
 

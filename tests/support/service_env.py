@@ -45,6 +45,12 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def write_rules(tmp_path: Path, text: str = RULES) -> dict[str, str]:
+    """``config_dir_env`` without the directory: just the RUNTIME_* variables."""
+    env, _ = config_dir_env(tmp_path, text)
+    return env
+
+
 def config_dir_env(tmp_path: Path, text: str | None = RULES) -> tuple[dict[str, str], Path]:
     """RUNTIME_* for ``tmp_path/runtime/ratelimit/config`` (with ``basic.yaml`` unless None)."""
     config_dir = tmp_path / "runtime" / "ratelimit" / "config"
