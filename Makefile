@@ -54,7 +54,7 @@ proto: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-# Envoy + the service + Redis + an echo upstream, no Docker (scripts/demo.py, README.md (The Envoy demo)):
+# Envoy + the service + Redis + an echo upstream, no Docker (scripts/demo.py, docs/demo.md):
 # a burst per route, a table of allowed vs limited, then running until Ctrl-C.
 # `make demo DEMO_ARGS=--detach` returns once the table is printed; `make demo-down` stops it.
 .PHONY: demo demo-down

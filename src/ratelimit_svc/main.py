@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
     """``--name`` and Go's ``-name``; with hyphens too (the reference client spells its TLS
-    flags ``-grpc-use-tls``, SPEC 10 ``--grpc_use_tls``)."""
+    flags ``-grpc-use-tls``, docs/operations.md (Command-line tools) ``--grpc_use_tls``)."""
     spellings = [f"--{name}", f"-{name}"]
     if "_" in name:
         hyphens = name.replace("_", "-")

@@ -1,9 +1,6 @@
-"""ShouldRateLimit in protobuf terms: request → limiter → response, and errors → gRPC statuses.
-
-This is the only place errors become status codes (SPEC 12): request errors are INVALID_ARGUMENT,
-backend failures and "no configuration loaded" are UNAVAILABLE (the reference answers UNKNOWN for
-all of them; Envoy treats any error alike, but these tell an operator what happened), and anything
-unexpected is INTERNAL — the overall code is never UNKNOWN.
+"""ShouldRateLimit in protobuf terms: request → limiter → response, and the one place where errors
+become gRPC statuses (docs/operations.md (Errors)): request errors INVALID_ARGUMENT, backend
+failures and "no configuration loaded" UNAVAILABLE, anything unexpected INTERNAL.
 """
 
 from __future__ import annotations
@@ -66,7 +63,8 @@ MAX_HITS_ADDEND = 2**32 - 1  # as the request-level field (uint32); Redis fails 
 
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
-    """What one request may carry (MAX_* settings, README: Reliability; 0 = no limit)."""
+    """What one request may carry (MAX_* settings; 0 = no limit): docs/reliability.md (Limits on
+    what one request may carry)."""
 
     max_descriptors: int = 256
     max_entries: int = 64

@@ -1,13 +1,6 @@
-"""OpenTelemetry tracing (TRACING_ENABLED): a span per ShouldRateLimit call and one per backend
-round trip, continuing the caller's trace from W3C ``traceparent`` or B3 (single ``b3`` or
-``x-b3-*``) gRPC metadata.
-
-This module is imported only when tracing is on, so a service without it never loads
-OpenTelemetry. Spans are exported over OTLP, HTTP or gRPC as TRACING_EXPORTER_PROTOCOL says, to
-the endpoint OpenTelemetry's own OTEL_EXPORTER_OTLP_* variables name (default localhost:4318 or
-:4317), sampled at TRACING_SAMPLING_RATE unless the caller's trace already decided
-(parent-based). The resource carries TRACING_SERVICE_NAME, _NAMESPACE and _INSTANCE_ID. Nothing is
-global: the provider, tracer and propagator belong to the ``Tracing`` object the app owns.
+"""OpenTelemetry tracing (TRACING_ENABLED), imported only when it is on: a span per ShouldRateLimit
+call continuing the caller's W3C or B3 trace, one per backend round trip, exported over OTLP; the
+provider belongs to the ``Tracing`` object the app owns (docs/observability.md (Tracing)).
 """
 
 from __future__ import annotations

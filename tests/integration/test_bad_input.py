@@ -1,4 +1,4 @@
-"""Bad input on every surface (issue 7): each gets a clear error and the service keeps serving.
+"""Bad input on every surface (docs/reliability.md (Bad input)): each gets a clear error and the service keeps serving.
 
 Malformed and invalid-UTF-8 gRPC bytes, requests beyond the documented MAX_* limits (and beyond the
 gRPC message size), garbage /json bodies, config files with every kind of defect, and garbage in

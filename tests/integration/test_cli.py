@@ -1,4 +1,5 @@
-"""SPEC 10: ``ratelimit-config-check`` and ``ratelimit-client``, run as the installed commands."""
+"""``ratelimit-config-check`` and ``ratelimit-client``, run as the installed commands
+(docs/operations.md (Command-line tools))."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
-"""The CounterStore contract, run against every backend and every way of reaching one (SPEC 5, 6):
+"""The CounterStore contract, run against every backend and every way of reaching one
+(docs/backends.md):
 memory; a single Redis, a Redis Cluster and Redis through Sentinel, each with and without
 cross-request pipelining; REDIS_PERSECOND splitting counters between a single Redis and a
 cluster; and memcached. Counts, windows, expiry, hits_addend and exactness under concurrency are
-asserted the same way everywhere. (This supersedes tests/test_behaviour.py.)
+asserted the same way everywhere.
 
 Memcached increments in the background; within one process the store answers from the highest
 value it has handed out, so these single-process assertions hold for it exactly too. What it does
-not guarantee across processes is tested in tests/test_memcache.py.
+not guarantee across processes is tested in tests/integration/test_memcache.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The debug port (SPEC 8): index, /rlconfig, /stats, redacted /settings and the profiler answers."""
+"""The debug port (docs/operations.md (Debug port)): index, /rlconfig, /stats, redacted /settings and the profiler answers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Backend faults (issue 7): the circuit breaker and in-flight bound on their own, then real Redis
+"""Backend faults (docs/reliability.md (When the backend fails)): the circuit breaker and in-flight bound on their own, then real Redis
 servers killed, hung (SIGSTOP), slowed by a delaying proxy, restarted and failed over, seen
 through the real gRPC service. Every request must answer within REDIS_OP_TIMEOUT plus a small
 margin, with UNAVAILABLE while the backend is bad; nothing may pile up; and the service must

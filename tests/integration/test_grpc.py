@@ -1,4 +1,4 @@
-"""The running service through a real grpc.aio channel (SPEC 2, 5.1, 12), and its process life."""
+"""The running service through a real grpc.aio channel (docs/operations.md (Errors)), and its process life."""
 
 from __future__ import annotations
 

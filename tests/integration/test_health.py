@@ -1,4 +1,4 @@
-"""Health (SPEC 8): one state behind both the gRPC health service ("" and "ratelimit") and HTTP
+"""Health (docs/operations.md (Health)): one state behind both the gRPC health service ("" and "ratelimit") and HTTP
 /healthcheck, following backend reachability, shutdown and HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED.
 
 gRPC health is read with Watch streams, so each change is waited for as an event; /healthcheck is

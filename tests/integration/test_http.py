@@ -1,4 +1,4 @@
-"""The HTTP port (SPEC 8): /healthcheck and /json through a real aiohttp client."""
+"""The HTTP port (docs/operations.md (HTTP port)): /healthcheck and /json through a real aiohttp client."""
 
 from __future__ import annotations
 

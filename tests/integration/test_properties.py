@@ -1,9 +1,9 @@
-"""Property-based tests (hypothesis, issue 7): the config loader, the matcher and the request path.
+"""Property-based tests (hypothesis; docs/reliability.md (Bad input)): the config loader, the matcher and the request path.
 
 - Config loader: any text, YAML-ish token soup or mutated valid YAML either loads or raises
   ConfigError naming the file; never another exception. What loads can be dumped and matched.
 - Matcher: random rule trees and entries give the same rule (and counter key) as a small
-  reference implementation written here from SPEC 4, independent of the service's data structures.
+  reference implementation written here from docs/configuration.md (Descriptors and matching), independent of the service's data structures.
 - Request path: random RateLimitRequest messages, random bytes and random /json bodies through the
   real running service are answered OK/OVER_LIMIT with one status per descriptor, or refused as
   invalid; never UNKNOWN, never INTERNAL, and the service keeps serving.
@@ -196,7 +196,7 @@ def glob(pattern: str, text: str) -> bool:
 def reference_match(
     domain: str, tree: list[RefNode], entries: list[tuple[str, str]]
 ) -> tuple[int, str] | None:
-    """SPEC 4 step 3, literally: exact ``k_v``, else the first wildcard in config order, else the
+    """The matching walk of docs/configuration.md (Descriptors and matching), literally: exact ``k_v``, else the first wildcard in config order, else the
     plain ``k``; the rule of the node at the last entry; descend only into children; never back
     up. Returns (the rule's unique limit, the counter key body)."""
     level = tree

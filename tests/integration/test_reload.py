@@ -1,4 +1,4 @@
-"""Hot reload (SPEC 3.3) through a running App: both RUNTIME_WATCH_ROOT modes, the Kubernetes
+"""Hot reload (docs/operations.md (Reload)) through a running App: both RUNTIME_WATCH_ROOT modes, the Kubernetes
 ConfigMap layout, coalescing, bad files and deleted files.
 
 Every test changes real files and then waits — with a timeout, never a fixed sleep — for the

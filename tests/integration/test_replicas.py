@@ -1,4 +1,4 @@
-"""Exactness across replicas (issue 7): several service processes sharing one real Redis admit
+"""Exactness across replicas (docs/backends.md (What each backend guarantees)): several service processes sharing one real Redis admit
 exactly L requests per window under concurrent load, whichever replica each request reaches.
 
 Hour-unit rules keep the test inside one window; should the hour turn during the test anyway, the

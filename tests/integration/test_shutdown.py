@@ -1,4 +1,4 @@
-"""Graceful shutdown (SPEC 8, 12): a real service process under continuous gRPC load gets SIGTERM.
+"""Graceful shutdown (docs/operations.md (Shutdown and drain)): a real service process under continuous gRPC load gets SIGTERM.
 
 Clients behave as an Envoy fleet behind health checks does: they send back-to-back requests and
 stop when the service's health turns NOT_SERVING; one "slow" client keeps sending for another half

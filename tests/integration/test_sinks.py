@@ -1,4 +1,5 @@
-"""SPEC 9: the statsd (UDP, TCP), DogStatsD and Prometheus sinks, received by real listeners."""
+"""The statsd (UDP, TCP), DogStatsD and Prometheus sinks, received by real listeners
+(docs/observability.md (Stats))."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reload and shutdown under load (issue 7): config swapped repeatedly → 0 failed requests; a bad
+"""Reload and shutdown under load (docs/reliability.md): config swapped repeatedly → 0 failed requests; a bad
 file → the old config keeps serving; SIGTERM → 0 failed in-flight calls.
 """
 

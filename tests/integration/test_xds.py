@@ -1,4 +1,4 @@
-"""Config over xDS (CONFIG_TYPE=GRPC_XDS_SOTW, SPEC 3.3): the ADS client against a real control plane.
+"""Config over xDS (CONFIG_TYPE=GRPC_XDS_SOTW, docs/xds.md): the ADS client against a real control plane.
 
 The control plane is tests/support/xds_server.py, a grpc.aio ADS server on a loopback port. Nothing here
 sleeps on the wall clock: the client's reconnect backoff goes through ``FakeSleep``, which records

@@ -1,4 +1,4 @@
-"""SPEC 3.2: every config validation error, one fixture each, with the reference's exact text.
+"""Every config validation error (docs/configuration.md (Config errors)), one fixture each, with the reference's exact text.
 
 Each message must start with ``<config name>: <reference text>`` (the config name being the name the
 file was passed under) and then say where in the file the problem is (``line N``, plus the path of
@@ -180,7 +180,7 @@ CASES: dict[str, Case] = {
         line=14,
         path="descriptors[0].rate_limit",
     ),
-    # Order of the checks (SPEC 3.2: "checked in this order").
+    # Order of the checks (docs/configuration.md (Config errors): "The checks run in this order").
     "order_unknown_key_before_empty_domain": Case(
         ("order_unknown_key_before_empty_domain.yaml",),
         "config error, unknown key 'ratelimit'",

@@ -1,4 +1,5 @@
-"""SPEC 3.1 and 3.3: what a valid configuration loads into, and where the files come from.
+"""What a valid configuration loads into, and where the files come from
+(docs/configuration.md (The rule file, Where files come from)).
 
 ``load_config`` is checked through the rule tree, the rules and the reference's /rlconfig dump;
 ``read_config_files`` and ``load_from_files`` against real directory trees built under tmp_path

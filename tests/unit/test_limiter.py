@@ -1,4 +1,5 @@
-"""SPEC 5 and the worked examples of SPEC 11, on the memory store with a fake clock."""
+"""How a request is answered, and the worked examples, on the memory store with a fake clock
+(docs/configuration.md (How a request is answered, Worked examples))."""
 
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ async def hit(limiter: Limiter, config: RateLimitConfig, request: Request, times
     return decision
 
 
-# -- SPEC 11 worked examples ------------------------------------------------------------------
+# -- docs/configuration.md (Worked examples) ----------------------------------------------------
 
 WINDOWS = [
     ("key1", Unit.SECOND, 1700000005, 1),

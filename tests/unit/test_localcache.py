@@ -1,4 +1,4 @@
-"""SPEC 6.3: the local over-limit cache is bounded by LOCAL_CACHE_SIZE_IN_BYTES and forgets keys
+"""docs/backends.md (Local over-limit cache): the local over-limit cache is bounded by LOCAL_CACHE_SIZE_IN_BYTES and forgets keys
 when their window ends."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""SPEC 4: matching request descriptors to rules, counter key bodies and stats keys."""
+"""Matching request descriptors to rules, counter key bodies and stats keys
+(docs/configuration.md (Descriptors and matching))."""
 
 from __future__ import annotations
 

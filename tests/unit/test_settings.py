@@ -40,7 +40,7 @@ REDIS_DEFAULTS: dict[str, object] = {
     "pipeline_limit": 0,
 }
 
-# The reference's defaults (envoyproxy/ratelimit src/settings/settings.go), plus ours from SPEC 12.
+# The reference's defaults (envoyproxy/ratelimit src/settings/settings.go), plus ours (docs/configuration.md (Settings)).
 DEFAULTS: dict[str, object] = {
     "host": "0.0.0.0",
     "port": 8080,

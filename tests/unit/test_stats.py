@@ -1,4 +1,4 @@
-"""SPEC 9 and 12: the in-memory stats, their flush as deltas, and the LRU that bounds per-key stats."""
+"""docs/observability.md (Stats): the in-memory stats, their flush as deltas, and the LRU that bounds per-key stats."""
 
 from __future__ import annotations
 

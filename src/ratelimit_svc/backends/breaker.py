@@ -1,23 +1,5 @@
-"""A circuit breaker and an in-flight bound around any ``CounterStore`` (SPEC 12, issue 7).
-
-When the backend fails, requests must fail fast instead of piling up. Two guards do that:
-
-- **In-flight bound**: at most ``max_in_flight`` calls wait on the backend at once; one more
-  fails at once with ``BackendError("backend overloaded ...")``, so a hung Redis costs a bounded
-  number of waiting coroutines however fast requests arrive.
-- **Circuit breaker**: ``failure_threshold`` consecutive ``BackendError``s open the circuit; while
-  open every call fails at once with ``BackendError("circuit open ...")`` for ``cooldown`` seconds.
-  The first call after the cool-down is the one probe (half-open; concurrent calls still fail fast);
-  its success closes the circuit, its failure opens it for another cool-down. ``ping`` goes through
-  the breaker too, so the health check's PING every second both reports the open circuit
-  (it raises) and probes a recovered backend even when no requests arrive.
-
-A call cancelled by its caller (a gRPC deadline shorter than REDIS_OP_TIMEOUT, a client that went
-away) proves nothing about the backend and counts neither way, except a cancelled probe, which
-re-opens the circuit: the backend did not answer the probe in time, and probing again at request
-rate would only open a connection per request to a server that is not answering.
-``BackendError("backend overloaded")`` is local load shedding, not a backend failure, and does not
-count either. The clock is monotonic and injected, so tests move time by hand.
+"""A circuit breaker and an in-flight bound around any ``CounterStore``, so that a failing or hung
+backend makes calls fail fast instead of piling up (docs/reliability.md (When the backend fails)).
 """
 
 from __future__ import annotations

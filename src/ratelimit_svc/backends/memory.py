@@ -1,8 +1,5 @@
-"""In-process counters (BACKEND_TYPE=memory, SPEC 6.5): same keys and windows as Redis, expired in
-the background. For a single instance, development and tests; ``make run`` uses it.
-
-Every operation completes without yielding to the event loop, so concurrent requests see each
-increment exactly once (the same guarantee a single Redis gives).
+"""In-process counters (BACKEND_TYPE=memory): the same keys and windows as Redis, expired in the
+background, each operation done without yielding to the event loop (docs/backends.md (Memory)).
 """
 
 from __future__ import annotations

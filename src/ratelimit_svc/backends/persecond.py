@@ -1,13 +1,5 @@
-"""REDIS_PERSECOND=true (SPEC 6.2): SECOND-unit counters live in a second Redis.
-
-``PerSecondStore`` routes each increment by its window: one-second windows go to the per-second
-store (REDIS_PERSECOND_*, any REDIS_TYPE), all others to the main one. A batch that has both is
-split, both parts are sent concurrently, and the results are merged back into the caller's order;
-either side failing fails the call. ``get`` receives bare keys, which do not say their window, so
-it asks both stores and adds the two answers: a key is only ever written to one of them, so the
-other answers 0. (The reference keeps the two apart here too; the only difference would be a
-SECOND counter and a longer one with the very same key, which no config can produce except an
-override from Envoy naming the same entries as a configured rule of another unit.)
+"""REDIS_PERSECOND=true: ``PerSecondStore`` sends SECOND-unit counters to a second store and all
+others to the main one, splitting and merging mixed batches (docs/backends.md (Per-second Redis)).
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Where config files come from (CONFIG_TYPE=FILE, SPEC 3.3): RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/
-RUNTIME_APPDIRECTORY, read recursively in lexical order, every regular file whatever its extension.
-
-Files are named by their path relative to that directory (``basic.yaml``, ``team/a.yaml``), which is
-the config name that prefixes every validation error.
+"""Where config files come from (CONFIG_TYPE=FILE): RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/
+RUNTIME_APPDIRECTORY, read recursively in lexical order, every regular file whatever its extension,
+each named by its path relative to that directory (docs/configuration.md (Where files come from)).
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ class RuntimeLocation:
 
     @property
     def config_dir(self) -> Path | None:
-        """None when RUNTIME_SUBDIRECTORY is empty: no file config at all (SPEC 3.3)."""
+        """None when RUNTIME_SUBDIRECTORY is empty: no file config at all."""
         if not self.subdirectory:
             return None
         return Path(self.root) / self.subdirectory / self.appdirectory

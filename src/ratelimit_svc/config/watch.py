@@ -1,20 +1,7 @@
-"""Hot reload of the file config (SPEC 3.3): watch the files with watchdog, coalesce bursts of
-events, then ask the application to load everything again.
-
-Two modes, as RUNTIME_WATCH_ROOT says. ``true``: reload when RUNTIME_ROOT itself is created,
-deleted or replaced (the atomic ``ln -s new tmp && mv -T tmp current`` swap, seen as an event on
-that name in its parent directory), and — our improvement — on any change inside the config
-directory, whichever directory the root points at now. ``false``: reload on any change inside the
-config directory (create, write, delete, chmod, move), which covers the Kubernetes ConfigMap layout
-where the kubelet writes a timestamped ``..2024_..`` directory and renames a ``..data_tmp`` symlink
-onto ``..data``. A directory that does not exist yet is waited for by watching its nearest existing
-ancestor for the next path component.
-
-Watchdog calls its handlers on its own thread; they only poke the event loop
-(``call_soon_threadsafe``). The reload task waits for the first poke, then until no new one arrives
-for ``quiet`` seconds (at most ``max_delay`` in all), re-plans the watches (the root may point
-somewhere new) and runs one load. Events during that load start the next round, so no change is
-ever missed and a burst costs one load.
+"""The file watcher (CONFIG_TYPE=FILE): watches what RUNTIME_WATCH_ROOT says with watchdog
+(the root's symlink swap and the config directory, or the config directory alone), coalesces a
+burst of events and asks for one reload per burst, without ever missing a change; a directory that
+does not exist yet is waited for (docs/operations.md (Reload)).
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""Rate-limit decisions over a counter store (SPEC 5).
-
-All rate-limit logic lives here, once, for every backend: matching each request descriptor, the
-fixed-window counter keys, the local over-limit cache, the per-descriptor decision (the pure
-``fixed_window.decide``), the overall code, response headers and dynamic metadata. Stores only add
-numbers to keys. Nothing here touches protobuf; ``service`` translates.
+"""Rate-limit decisions over a counter store: matching, counter keys, the local over-limit cache,
+the per-descriptor decision (``windows.decide``), the overall code, response headers and dynamic
+metadata, once for every backend, without protobuf (docs/configuration.md (How a request is
+answered)).
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""The local over-limit cache (SPEC 6.3): counter keys known to be over their limit until their
-window ends, so repeated over-limit requests skip the backend.
-
-Bounded by an estimate of the bytes it holds (LOCAL_CACHE_SIZE_IN_BYTES): the key's UTF-8 length
-plus a fixed per-entry overhead. When full, the least recently inserted entries are evicted first;
-expired entries are dropped when met.
+"""The local over-limit cache: counter keys known to be over their limit until their window ends,
+bounded by an estimate of its bytes (LOCAL_CACHE_SIZE_IN_BYTES), oldest entries evicted first
+(docs/backends.md (Local over-limit cache)).
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""Matching one request descriptor against a domain's rule tree (SPEC 4).
-
-The walk is greedy and never backtracks: at each level an exact ``k_v`` child wins, then the first
-wildcard child in config order, then the plain ``k`` child. Besides the rule, a match carries what
-the limiter needs to count it: the counter key's body (share_threshold levels contribute their
-pattern instead of the request's value) and the stats key (config path, or the detailed /
-value_to_metric forms).
+"""Matching one request descriptor against a domain's rule tree: the rule, the counter key's body
+and the stats key (docs/configuration.md (Descriptors and matching)).
 """
 
 from __future__ import annotations

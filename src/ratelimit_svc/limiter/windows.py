@@ -1,8 +1,6 @@
-"""The fixed-window decision for one counted rule (SPEC 5.3): pure arithmetic, tested with tables.
-
-Given the limit, the hits and the counter after adding them, ``decide`` returns the code, the
-remaining allowance and the stat deltas (over/near/within/shadow), exactly as the reference counts
-them, including its float32 near-limit threshold.
+"""The fixed-window decision for one counted rule: ``decide`` turns the limit, the hits and the
+counter after them into the code, the remaining allowance and the stat deltas, as the reference
+counts them (docs/configuration.md (How a request is answered)).
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""The debug listener on DEBUG_HOST:DEBUG_PORT (SPEC 8): what the reference serves there, and
-Python's answer to its Go profiler (pprof) endpoints.
-
-``/`` lists the endpoints as ``<path>: <help>`` lines, ``/rlconfig`` is the loaded config in the
-reference's line format, ``/stats`` the current counters and gauges as sorted ``name: value`` lines,
-``/settings`` the effective settings with credentials redacted. In place of ``/debug/pprof/``:
-``/debug/tasks`` (every asyncio task with its stack: where a request is stuck), ``/debug/threads``
-(every thread's stack: watchdog, gRPC, the loop) and ``/debug/tracemalloc`` (the top allocation
-sites). tracemalloc costs memory and time, so it is off until asked for: ``?start=1`` starts it
-(``&frames=N`` frames per trace), ``?stop=1`` stops it, a plain GET shows the top ``?limit=N``
-sites grouped by ``?key=lineno|filename|traceback``. PYTHONTRACEMALLOC=N starts it at startup.
+"""The debug listener on DEBUG_HOST:DEBUG_PORT: the index, ``/rlconfig``, ``/stats``, ``/settings``
+(credentials redacted), and in place of Go's pprof ``/debug/tasks``, ``/debug/threads`` and
+``/debug/tracemalloc`` (docs/operations.md (Debug port)).
 """
 
 from __future__ import annotations

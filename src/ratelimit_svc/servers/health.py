@@ -1,11 +1,6 @@
-"""The service's one health state, which both health surfaces report (SPEC 8).
-
-Healthy means: the backend answers (a PING every second, bounded by REDIS_OP_TIMEOUT), no shutdown
-has begun, and — with HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED — a config with at least one domain is
-loaded. ``Health.healthy`` is read directly by HTTP ``/healthcheck``; the gRPC health service
-(services ``""`` and ``ratelimit``) is told of every change by observers that ``Health.run``
-notifies, so both always agree. Setters are plain methods, so a signal handler or a config reload
-can call them without awaiting; the change is published on the next turn of the event loop.
+"""The service's one health state (backend answering, no shutdown begun, a config loaded when
+required), which HTTP ``/healthcheck`` reads and the gRPC health service is told of
+(docs/operations.md (Health)).
 """
 
 from __future__ import annotations

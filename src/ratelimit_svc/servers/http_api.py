@@ -1,14 +1,5 @@
-"""The HTTP listener on HOST:PORT (SPEC 8): ``/healthcheck`` and ``/json``.
-
-``/json`` is ShouldRateLimit in proto JSON: the body is a RateLimitRequest (camelCase or proto field
-names; unknown fields are rejected), the answer a RateLimitResponse (camelCase, enum names,
-defaults omitted, durations like ``"58s"``) with status 200 for OK and 429 for OVER_LIMIT. Bad JSON
-or an invalid request is 400 ``Bad Request``, as in the reference. Where the reference also answers
-400 for a backend failure, we answer 503 ``Service Unavailable`` — the HTTP twin of the gRPC
-UNAVAILABLE the same failure gets (SPEC 12): the request was fine, retry elsewhere or later.
-
-``start_listener`` is shared with the debug port: one aiohttp runner, no access log (nothing is
-logged per request), the bound port exposed so that PORT=0 works.
+"""The HTTP listener on HOST:PORT: ``/healthcheck`` and ``/json`` (ShouldRateLimit in proto JSON),
+and ``start_listener``, the aiohttp runner the debug port shares (docs/operations.md (HTTP port)).
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""gRPC server TLS and mTLS (GRPC_SERVER_USE_TLS, GRPC_SERVER_TLS_CERT/KEY, GRPC_CLIENT_TLS_CACERT,
-GRPC_CLIENT_TLS_SAN), with certificates reloaded when their files change.
-
-The credentials are gRPC's dynamic ones: before each new handshake gRPC asks ``CertificateFiles``
-for a configuration, which re-reads the files only when one of them changed (modification time,
-size or inode, so an atomic rename or a Kubernetes secret swap counts); connections already open
-keep the certificate they started with. A half-written or unreadable set keeps the previous one and
-logs why. With GRPC_CLIENT_TLS_CACERT, clients must present a certificate signed by that CA. gRPC
-Python cannot check a client certificate's SAN during the handshake, so with GRPC_CLIENT_TLS_SAN
-``SanCheck`` refuses every call whose peer certificate does not carry that SAN (DNS, URI, e-mail or
-IP) with UNAUTHENTICATED, before any handler runs.
+"""gRPC server TLS and mTLS (GRPC_SERVER_USE_TLS, GRPC_SERVER_TLS_*, GRPC_CLIENT_TLS_*): credentials
+whose certificate files are re-read when they change, and ``SanCheck``, the interceptor that
+checks a client certificate's SAN (docs/operations.md (gRPC TLS and mTLS)).
 """
 
 from __future__ import annotations

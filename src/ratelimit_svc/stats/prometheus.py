@@ -1,26 +1,7 @@
-"""The Prometheus sink (USE_PROMETHEUS): flushed stats as the reference's metric names (SPEC 9).
-
-The reference feeds its statsd stats through statsd_exporter's mapper; this sink applies the same
-mapping to the same stream of flushed stats:
-
-- ``ratelimit.service.rate_limit.<domain>.<key1>[.<key2>...].<stat>`` →
-  ``ratelimit_service_rate_limit_<stat>{domain, key1, key2}`` (the first two key levels; deeper
-  levels add up into their parent's series);
-- ``ratelimit.service.rate_limit.<domain>.domain_not_found`` →
-  ``ratelimit_service_rate_limit_domain_not_found{domain}``;
-- ``ratelimit.service.call.should_rate_limit.<err>`` →
-  ``ratelimit_service_should_rate_limit_error{err_type}``;
-- ``ratelimit_server.<method>.total_requests`` → ``ratelimit_service_total_requests{grpc_method}``;
-- ``ratelimit_server.<method>.response_time`` (ms) →
-  ``ratelimit_service_response_time_seconds{grpc_method}``, a histogram;
-- ``ratelimit.service.config_load_{success,error}`` → ``ratelimit_service_config_load_*``;
-- anything else: the name with every character outside ``[a-zA-Z0-9_]`` replaced by ``_``.
-
-Counters keep the exact names (no ``_total`` suffix added), so dashboards built on the reference
-keep working. Metrics live in this sink's own ``CollectorRegistry``, never the global one; each
-metric holds at most ``max_series`` label sets (least recently updated dropped first), so
-high-cardinality values cannot grow memory without limit. The endpoint is served by aiohttp on
-PROMETHEUS_ADDR at PROMETHEUS_PATH, and each scrape flushes the stats first so it sees the present.
+"""The Prometheus sink (USE_PROMETHEUS): flushed stats under the reference's metric names (the
+mapping its statsd_exporter applies), each metric bounded to ``max_series`` label sets, in the
+sink's own registry, served by aiohttp on PROMETHEUS_ADDR at PROMETHEUS_PATH
+(docs/observability.md (Prometheus)).
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
-"""Stats: the service's counters, gauges and timers under the reference's statsd names (SPEC 9).
-
-``MemoryStats`` is the one small interface the rest of the service writes to (``add``,
-``add_rule``, ``set_gauge``, ``set_counter``, ``observe_ms``) and the sinks read from: ``flush``
-hands every counter's delta since the last flush, every gauge and (as they happen) every timer
-sample to the configured ``StatsSink``; ``snapshot`` gives cumulative values for the debug port.
-Names are sanitized like the reference's (``:`` and ``|`` become ``_``).
-
-Per-key stats (every name under ``ratelimit.service.rate_limit.``, whose middle part comes from
-request values with ``detailed_metric`` or from the request's domain) live in an LRU of at most
-``max_keys`` stats keys, so high-cardinality values cannot grow memory without limit. A key that
-is evicted first hands its unflushed deltas to the sink, so nothing counted is lost; only its
-cumulative value disappears from ``snapshot``.
+"""The service's stats: ``MemoryStats`` holds counters, gauges and timers under the reference's
+statsd names, hands counter deltas, gauges and timer samples to a ``StatsSink`` on ``flush``, and
+keeps per-key stats in an LRU of ``max_keys`` stats keys whose evicted keys are flushed first
+(docs/observability.md (Stats, Bounded per-key stats)).
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
-"""Which stats sink runs (SPEC 7, 9), and the loop that flushes to it every STATS_FLUSH_INTERVAL.
-
-One explicit table picks the sink from the settings: DISABLE_STATS or no USE_* flag → none (stats
-are still counted for the debug port); USE_STATSD → statsd over STATSD_PROTOCOL; USE_DOG_STATSD →
-DogStatsD (over UDP, as the reference's datadog client); USE_PROMETHEUS → the Prometheus endpoint.
-Settings already refuse more than one. ``StatsReporter`` owns the sink's life: started with the
-app, a final flush when it stops, so the last interval's counts are not lost.
+"""Which stats sink runs, from one table over the settings (none, statsd, DogStatsD or Prometheus),
+and ``StatsReporter``, the loop that flushes to it every STATS_FLUSH_INTERVAL and once more when
+it stops (docs/observability.md (Stats)).
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
-"""The statsd and DogStatsD sinks: stats as text lines over UDP or TCP (SPEC 9).
-
-Lines are the reference's (lyft/gostats): counters as deltas ``name:value|c``, gauges
-``name:value|g``, timers ``name:value|ms`` (whole numbers without decimals, others with six).
-EXTRA_TAGS are appended to the name as ``.__k=v`` (sorted by key, ``.:|`` in values replaced by
-``_``); the DogStatsD sink sends them as tags instead: ``name:value|c|#k:v``. Lines are buffered
-(at most ``MAX_BUFFER_BYTES``; beyond that new lines are dropped and the loss is logged) and sent
-by a background task every second, or sooner when a packet's worth is waiting: in datagrams of at
-most 1432 bytes over UDP, or on one TCP connection that is reopened when it fails. An unreachable
-statsd never slows or fails a request.
+"""The statsd and DogStatsD sinks: flushed stats as the reference's text lines (counters as deltas,
+gauges, timers; EXTRA_TAGS as name suffixes or DogStatsD tags), buffered and sent in the
+background over UDP or TCP, so an unreachable statsd never slows or fails a request
+(docs/observability.md (statsd, DogStatsD)).
 """
 
 from __future__ import annotations

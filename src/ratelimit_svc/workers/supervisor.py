@@ -1,24 +1,6 @@
-"""Worker processes (WORKERS): several gRPC servers sharing GRPC_PORT, one set of everything else.
-
-One Python process answers ShouldRateLimit on about one core (grpc's own work and ours hold the
-GIL), so with a shared backend the service runs WORKERS processes, each a whole gRPC server with
-its own event loop, backend pool and local cache, all listening on GRPC_PORT with SO_REUSEPORT:
-the kernel spreads connections over them, and GRPC_MAX_CONNECTION_AGE makes Envoy's long-lived
-connections move now and then. The process that was started is the *primary*: it serves gRPC
-too, and it alone serves HTTP, the debug port and the stats sink and loads the configuration.
-The others are forked from a fork server started before any gRPC object exists (grpc does not
-survive a fork once running), so a worker that dies is replaced the same way.
-
-Each worker is linked to the primary by a socket pair carrying pickled messages: the primary sends
-every configuration it swaps in (so all processes answer from the same snapshot, and a config is
-loaded and counted once), a worker sends its stats every ``REPORT_INTERVAL`` seconds and when it
-stops (counter deltas, gauges, timer samples) and the primary adds them to its own
-(``AggregateStats``), so every stat is the service's total. SIGTERM to the primary drains it and
-tells every worker to drain; each exits 0. A worker whose primary goes away drains and exits.
-
-WORKERS=0 (the default) means one worker per usable CPU with a shared backend, and 1 with
-BACKEND_TYPE=memory (its counters live in one process) or GRPC_UDS (a unix socket cannot be
-shared this way); Settings refuses more than one worker with either.
+"""Worker processes (WORKERS): the fork server, the pool of gRPC workers sharing GRPC_PORT, the
+socket-pair link to each, and their replacement when one dies; handed its target, it knows nothing
+of ``App`` (docs/operations.md (Workers)).
 """
 
 from __future__ import annotations
@@ -66,7 +48,7 @@ def worker_count(settings: Settings) -> int:
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run ``main`` on uvloop when it is installed (measurably less CPU per request,
-    README: Performance), else on asyncio's own loop."""
+    docs/performance.md), else on asyncio's own loop."""
     try:
         import uvloop
     except ImportError:

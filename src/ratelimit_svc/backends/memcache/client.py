@@ -1,19 +1,6 @@
-"""A small asyncio memcached client: the text protocol commands the memcache store needs (multi-key
-``get``, ``incr``, ``add``, ``version``), pipelined per server, over TCP or TLS.
-
-Why not a library: aiomcache (0.8) hands a connection back to its pool when a call is cancelled
-mid-reply (it only cleans up on ``Exception``), so after an operation timeout the next call on that
-socket reads the previous call's reply; emcache cannot present a client certificate
-(MEMCACHE_TLS_CLIENT_CERT), can only turn certificate checking off altogether rather than just the
-hostname check, and shards keys by its own rendezvous hash. Here a connection goes back to the
-idle pool only after a complete exchange; any failure or cancellation closes it.
-
-Sharding is gomemcache's ``ServerList`` (the reference's client): server = ``crc32(key) % n`` over
-the servers in the order given (MEMCACHE_HOST_PORT) or sorted (MEMCACHE_SRV, as the reference
-sorts them), so this service and the reference agree on where every counter lives and can share
-one memcached fleet during a migration. MEMCACHE_MAX_IDLE_CONNS bounds the idle connections kept
-per server, as in gomemcache; busy connections are not capped here (the circuit breaker's in-flight
-bound caps calls). SRV records come from dnspython, imported only when MEMCACHE_SRV is set.
+"""A small asyncio memcached client: the text-protocol commands the store needs (multi-key ``get``,
+``incr``, ``add``, ``version``), pipelined per server over TCP or TLS, sharded as the reference's
+client, a connection reused only after a complete exchange (docs/backends.md (Memcached)).
 """
 
 from __future__ import annotations

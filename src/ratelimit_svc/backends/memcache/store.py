@@ -1,27 +1,6 @@
-"""Counters in memcached (BACKEND_TYPE=memcache; SPEC 6.4 and 12).
-
-The reference's memcached flow, mapped onto the ``CounterStore`` contract: ``increment`` reads
-every key in one multi-get (one ``get`` per server, concurrently) and answers ``before + hits``
-from what it read; the real increments happen in the background — ``incr``, then ``add`` with the
-counter's expiry where the key is missing, then ``incr`` again where that ``add`` lost a race
-with another writer. Expiries over 30 days are sent as an absolute Unix time (memcached reads any
-larger number that way; the reference sends the relative number, so its month and year counters
-expire at once). ``close`` waits for the background increments.
-
-What it guarantees: within one service process counts are exact, even under concurrency — the
-store remembers, per counter, the highest value it has handed out, and answers from the larger of
-that and the stored value. Across several replicas of the service, a replica does not see another's
-hits until their background increment has landed (normally well under a millisecond), so a burst
-split across replicas can be admitted a little over the limit; the stored totals are exact once
-the increments land. A memcached that fails or does not answer within REDIS_OP_TIMEOUT (the one
-operation timeout, whatever the backend) fails the request with UNAVAILABLE; the reference reads
-such counters as 0 and admits.
-
-Background increments are coalesced: while one batch is on its way, new hits for the same key add
-up, and the next batch sends each key once, all commands for a server in one write. Keys memcached
-cannot take (over 250 bytes, or containing spaces or control characters — the reference's client
-rejects them and never counts them) are stored under a SHA-256 digest instead. Servers come from
-MEMCACHE_HOST_PORT, or from the SRV record MEMCACHE_SRV, re-read every MEMCACHE_SRV_REFRESH.
+"""Counters in memcached (BACKEND_TYPE=memcache): decisions from one multi-get, increments in the
+background, exact within one process, expiries over 30 days sent as absolute times
+(docs/backends.md (Memcached)).
 """
 
 from __future__ import annotations

@@ -1,25 +1,6 @@
-"""Counters in a Redis Cluster (REDIS_TYPE=cluster; SPEC 6.2): REDIS_URL lists seed nodes
-``h1:p1,h2:p2,...``; all nodes are reached over TCP (TLS and AUTH as for a single Redis).
-
-Slots are driven here, on top of ``ServerPool`` (one bounded pool per node, the same one-write
-exchange, close-on-failure and redaction as the single-server store), rather than through
-redis-py's ``RedisCluster``: its pipeline resends a whole pipeline after a connection error, which
-would apply INCRBYs twice, and with resends turned off it never refreshes its slot map after a
-node dies, so it would not recover from a failover without a restart.
-
-A call groups its commands by the primary that owns each key's slot (INCRBY and EXPIRE of one key
-share a slot, so they stay together and in order) and sends one pipeline per node, concurrently.
-Replies ``MOVED`` (the slot has a new owner: the map is patched, the commands are resent there,
-and a full refresh follows) and ``ASK`` (a slot being migrated: ``ASKING`` + the command on the
-target) are followed up to ``MAX_REDIRECTS`` rounds; a redirected command was not executed, so
-resending it cannot count twice. A node that fails or does not answer fails the whole call with
-``BackendError`` (gRPC UNAVAILABLE) naming the node — commands already sent to other nodes may
-have been applied, as with any pipeline — and marks the map stale: the next call starts a
-re-read of ``CLUSTER SLOTS`` (one at a time, at most every ``REFRESH_MIN_INTERVAL``, asking a few
-known nodes at once and taking the first answer); calls that need the failed node wait for it,
-calls to healthy nodes do not. So once the cluster has promoted a replica, requests recover
-without a restart. Every await of a call, refresh included, is bounded by one deadline:
-REDIS_OP_TIMEOUT.
+"""Counters in a Redis Cluster (REDIS_TYPE=cluster): the slot map, one pipeline per node over
+``ServerPool``, ``MOVED``/``ASK`` redirects and a slot-map refresh after a node fails, every call
+bounded by REDIS_OP_TIMEOUT (docs/backends.md (Redis Cluster)).
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ def connection_options(
         "password": password,
         # No per-read timeout: every exchange is bounded as a whole by REDIS_OP_TIMEOUT (and the
         # connection closed if it expires), so redis-py's own timer around each reply would only
-        # cost a third of a pipelined call's CPU (README: Performance).
+        # cost a third of a pipelined call's CPU (docs/performance.md).
         "socket_timeout": None,
         "socket_connect_timeout": op_timeout,
         # A timed-out INCRBY may still have been applied: never resend it.

@@ -1,13 +1,6 @@
-"""Cross-request pipelining (REDIS_PIPELINE_WINDOW, REDIS_PIPELINE_LIMIT; SPEC 6.2).
-
-A ``Coalescer`` sits in front of a store's one-round-trip ``send``: each call queues its commands
-and awaits a future; the first command queued starts a timer of ``window`` seconds, and when it
-fires (or as soon as ``limit`` commands are queued, 0 = no limit) the whole queue goes out as one
-``send`` — one pipeline for a single server, one per node for a cluster. Each caller gets back
-exactly the replies to its own commands, in order; a failure of the shared send (an error, the
-operation timeout) is raised to every caller in it. A caller cancelled before its batch is sent
-(a gRPC deadline) has its commands dropped; once sent, they count like any unanswered request.
-A caller's commands always travel together, so a batch may exceed ``limit`` by one call's size.
+"""Cross-request pipelining (REDIS_PIPELINE_WINDOW, REDIS_PIPELINE_LIMIT): ``Coalescer`` queues
+the commands of concurrent calls and sends them as one batch per window, handing each caller its
+own replies (docs/backends.md (Cross-request pipelining)).
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
-"""Counters in the Redis master that Sentinel names (REDIS_TYPE=sentinel; SPEC 6.2).
-
-REDIS_URL is ``mastername,host:port,...`` (the sentinels); REDIS_AUTH authenticates to the Redis
-servers and REDIS_SENTINEL_AUTH (``password`` or ``user:password``) to the sentinels; REDIS_TLS
-applies to both; sentinels and servers are always reached over TCP. Failover is redis-py's
-``Sentinel``: every new connection asks the sentinels (in order, the last one that answered
-first) for the current master. A connection to a master that died fails its call (UNAVAILABLE)
-and is closed; one to a master that was demoted gets READONLY, which redis-py turns into a
-connection error, with the same result; the next call's new connection goes to the new master,
-so the service recovers by itself.
-
-A master that is failed over while still alive keeps taking writes until Sentinel demotes it,
-which can take Sentinel ten seconds (its INFO period), and those writes are lost when it resyncs.
-So, like the reference's client, the store listens for Sentinel's ``+switch-master`` and closes
-every pooled connection at once: the next calls go to the new master. Apart from where
-connections go, this is ``RedisStore``: the same one-write exchange, pool, timeouts, redaction.
+"""Counters in the Redis master that Sentinel names (REDIS_TYPE=sentinel): ``RedisStore``'s
+exchange, with connections sent to the current master and dropped on ``+switch-master``
+(docs/backends.md (Redis Sentinel)).
 """
 
 from __future__ import annotations
