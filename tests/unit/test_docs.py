@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
-CITING = ("src", "tests", "scripts")
+CITING = ("src", "tests", "scripts", "envoy", "config")
 CITING_FILES = ("Makefile", "pyproject.toml", "Dockerfile", "docker-compose.yaml")
 CITING_SUFFIXES = {".py", ".yaml", ".yml", ".lua", ".toml", ".cfg", ".sh"}
 
