@@ -1,7 +1,8 @@
 """The service's stats: ``MemoryStats`` holds counters, gauges and timers under the reference's
 statsd names, hands counter deltas, gauges and timer samples to a ``StatsSink`` on ``flush``, and
-keeps per-key stats in an LRU of ``max_keys`` stats keys whose evicted keys are flushed first
-(docs/observability.md (Stats, Bounded per-key stats)).
+keeps per-key stats in an LRU of ``max_keys`` stats keys whose evicted keys are flushed first;
+``scope`` gives the ``Scope`` a store reports its own numbers into (docs/observability.md (Stats,
+Bounded per-key stats)).
 """
 
 from __future__ import annotations
