@@ -38,9 +38,11 @@ US = 1_000_000
 class Step(NamedTuple):
     """One limit of one request, ready for a store.
 
-    ``p1``/``p2`` by algorithm: fixed and sliding window: window start / window length (for a
-    fixed window ``ttl`` is the counter's TTL in seconds, window plus jitter); token bucket:
-    emission interval / burst tolerance (``burst * interval``). ``conditional``: charged only if
+    ``p1``/``p2`` by algorithm: fixed and sliding window: window start / window length; token
+    bucket:
+    emission interval / burst tolerance (``burst * interval``). ``ttl`` (seconds): a fixed
+    window's counter TTL (window plus jitter); for the others, how long a state outlives its use
+    (one window or period). ``conditional``: charged only if
     the whole batch is admitted (charge only when admitted); ``binding``: its rejection rejects
     the batch (False for shadow-mode rules); ``seconds``: the window or refill period (a store
     may route by it, as REDIS_PERSECOND does).
@@ -133,12 +135,14 @@ def charges(step: Step, admitted: bool, batch_admitted: bool) -> bool:
 def charged_state(
     step: Step, now: int, result: StepResult
 ) -> tuple[tuple[int, ...], int]:
-    """The state after charging ``step`` and how long it must live (microseconds)."""
+    """The state after charging ``step`` and how long it must live (microseconds): as long as it
+    matters plus ``ttl`` seconds (one window or period), so that replicas whose clocks differ a
+    little still find it, as fixed-window counters outlive their window by the jitter."""
     if step.algorithm is Algorithm.SLIDING_WINDOW:
-        return (step.p1, result.a + step.hits, result.b), 2 * step.p2
+        return (step.p1, result.a + step.hits, result.b), 2 * step.p2 + step.ttl * US
     if step.algorithm is Algorithm.TOKEN_BUCKET:
         tat = result.a + step.hits * step.p1
-        return (tat,), tat - now
+        return (tat,), tat - now + step.ttl * US
     return (result.a + step.hits,), step.ttl * US
 
 

@@ -99,10 +99,11 @@ for i = 1, n do
     local key = KEYS[i]
     if algo[i] == 1 then
       redis.call('HSET', key, 's', string.format('%d', p1[i]), 'c', a[i] + hits[i], 'p', b[i])
-      redis.call('PEXPIRE', key, math.floor(2 * p2[i] / 1000) + 1)
+      redis.call('PEXPIRE', key, math.floor(2 * p2[i] / 1000) + ttl[i] * 1000)
     elseif algo[i] == 2 then
       local tat = a[i] + hits[i] * p1[i]
-      redis.call('SET', key, string.format('%d', tat), 'PX', math.floor((tat - now) / 1000) + 1)
+      local px = math.floor((tat - now) / 1000) + ttl[i] * 1000
+      redis.call('SET', key, string.format('%d', tat), 'PX', px)
     else
       redis.call('INCRBY', key, hits[i])
       redis.call('EXPIRE', key, ttl[i])
