@@ -3,7 +3,9 @@
 All rate-limit logic lives here, once, for every backend: matching each request descriptor, the
 fixed-window counter keys, the local over-limit cache, the per-descriptor decision (the pure
 ``fixed_window.decide``), the overall code, response headers and dynamic metadata. Stores only add
-numbers to keys. Nothing here touches protobuf; ``service`` translates.
+numbers to keys. Nothing here touches protobuf; ``service`` translates. Rules that use
+docs/algorithms.md (sliding windows, token buckets, window multiples, several limits, charge only
+when admitted) become store steps (``limiter.stepped``) settled in one call beside the plain ones.
 """
 
 from __future__ import annotations
