@@ -80,3 +80,10 @@ bench: $(STAMP)
 		&& apt-get update -qq && apt-get install -y -qq --no-install-recommends \
 		nghttp2-client redis-server >/dev/null; } || true
 	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench_algorithms.py
+
+# CPU per request of each counting algorithm on Redis (scripts/bench_algorithms.py,
+# docs/algorithms.md (Cost)); also the last part of `make bench`.
+.PHONY: bench-algorithms
+bench-algorithms: $(STAMP)
+	$(BIN)/python scripts/bench_algorithms.py

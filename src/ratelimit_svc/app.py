@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ratelimit_svc import backends
+from ratelimit_svc.config.build import fixed_windows_only
 from ratelimit_svc.config.files import RuntimeLocation
 from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.config.source import ConfigSource, FileSource
@@ -71,6 +72,8 @@ def limiter_options(settings: Settings) -> LimiterOptions:
         quota_mode=settings.quota_mode,
         response_headers=headers,
         dynamic_metadata=settings.response_dynamic_metadata,
+        charge_only_when_admitted=settings.charge_only_when_admitted,
+        ietf_headers=settings.ietf_ratelimit_headers_enabled,
     )
 
 
@@ -116,6 +119,7 @@ def config_source(settings: Settings) -> ConfigSource:
         watch=bool(settings.runtime_subdirectory),
         watch_root=settings.runtime_watch_root,
         merge_domains=settings.merge_domain_config,
+        fixed_windows_only=fixed_windows_only(settings),
     )
 
 

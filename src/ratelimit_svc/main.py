@@ -42,6 +42,13 @@ def config_check_main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="merge files that declare the same domain (MERGE_DOMAIN_CONFIG)",
     )
+    _flag(
+        parser,
+        "backend_type",
+        default="",
+        help="check the rules against this BACKEND_TYPE too (memcache counts fixed windows "
+        "only: docs/algorithms.md)",
+    )
     args = parser.parse_args(argv)
     print("checking rate limit configs...")
     directory = Path(args.config_dir)
@@ -60,7 +67,11 @@ def config_check_main(argv: Sequence[str] | None = None) -> None:
             print(f"error loading rate limit configs: {path}: error loading config file: {exc}")
             sys.exit(1)
     try:
-        load_config(files, merge_domains=args.merge_domain_configs)
+        load_config(
+            files,
+            merge_domains=args.merge_domain_configs,
+            fixed_windows_only="memcache" if args.backend_type == "memcache" else "",
+        )
     except ConfigError as exc:
         print(f"error loading rate limit configs: {exc}")
         sys.exit(1)

@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from ratelimit_svc.limiter.algorithms import Step, StepResult
 from ratelimit_svc.limiter.store import CounterStore, Increment
 from ratelimit_svc.settings.model import TracingSettings
 
@@ -158,6 +159,16 @@ class TracedStore:
             attributes={"db.system": self._system, "ratelimit.keys": len(keys)},
         ):
             return await self.store.get(keys)
+
+    async def settle(
+        self, steps: Sequence[Step], now: int, *, refund: bool = False
+    ) -> list[StepResult]:
+        with self._tracer.start_as_current_span(
+            f"{self._system} {'refund' if refund else 'settle'}",
+            kind=SpanKind.CLIENT,
+            attributes={"db.system": self._system, "ratelimit.keys": len(steps)},
+        ):
+            return await self.store.settle(steps, now, refund=refund)
 
     async def ping(self) -> None:
         await self.store.ping()

@@ -97,6 +97,8 @@ DEFAULTS: dict[str, object] = {
     "cache_key_prefix": "",
     "backend_type": "redis",
     "stop_cache_key_increment_when_overlimit": False,
+    "charge_only_when_admitted": False,
+    "ietf_ratelimit_headers_enabled": False,
     "limit_response_headers_enabled": False,
     "limit_limit_header": "RateLimit-Limit",
     "limit_remaining_header": "RateLimit-Remaining",

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from ratelimit_svc.errors import BackendError
+from ratelimit_svc.limiter.algorithms import Step, StepResult
 from ratelimit_svc.limiter.store import CounterStore, Increment, StatsScope
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,11 @@ class CircuitBreakerStore:
 
     async def get(self, keys: Sequence[str]) -> list[int]:
         return await self._call(lambda: self.inner.get(keys), bounded=True)
+
+    async def settle(
+        self, steps: Sequence[Step], now: int, *, refund: bool = False
+    ) -> list[StepResult]:
+        return await self._call(lambda: self.inner.settle(steps, now, refund=refund), bounded=True)
 
     async def ping(self) -> None:
         # Not bounded by max_in_flight: the health check pings at its own fixed rate, and load

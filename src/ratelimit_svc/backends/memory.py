@@ -10,6 +10,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from ratelimit_svc.limiter.algorithms import (
+    Step,
+    StepResult,
+    batch_admitted,
+    charged_state,
+    charges,
+    check,
+    refunded_state,
+)
 from ratelimit_svc.limiter.store import Increment
 
 if TYPE_CHECKING:
@@ -19,7 +28,8 @@ SWEEP_INTERVAL_SECONDS = 1.0
 
 
 class MemoryStore:
-    """Counters in a dict: key → [value, expires_at]; expiry buckets per second for the sweep."""
+    """Counters in a dict: key → [value, expires_at] (for the algorithms of docs/algorithms.md,
+    [*state, expires_at]); expiry buckets per second for the sweep."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -58,6 +68,42 @@ class MemoryStore:
             results.append(entry[0] if entry is not None and entry[1] > now else 0)
         return results
 
+    async def settle(
+        self, steps: Sequence[Step], now: int, *, refund: bool = False
+    ) -> list[StepResult]:
+        """Check and charge ``steps`` as one atomic operation (docs/algorithms.md); ``now`` in
+        microseconds. ``refund`` undoes a charge of each step instead (and returns nothing)."""
+        counters = self._counters
+        second = now // 1_000_000
+        states: list[tuple[int, ...] | None] = []
+        for step in steps:
+            entry = counters.get(step.key)
+            states.append(None if entry is None or entry[-1] <= second else tuple(entry[:-1]))
+        if refund:
+            for step, state in zip(steps, states, strict=True):
+                new = refunded_state(step, state)
+                entry = counters.get(step.key)
+                if new is not None and entry is not None:
+                    entry[:-1] = new
+            return []
+        checked = [check(step, now, state) for step, state in zip(steps, states, strict=True)]
+        admitted = batch_admitted(steps, [ok for ok, _, _ in checked])
+        results = []
+        for step, (ok, a, b) in zip(steps, checked, strict=True):
+            result = StepResult(ok, charges(step, ok, admitted), a, b)
+            if result.charged:
+                state, lifetime = charged_state(step, now, result)
+                # Whole seconds, never shorter than the state's life.
+                self._store(step.key, state, (now + lifetime) // 1_000_000 + 1)
+            results.append(result)
+        return results
+
+    def _store(self, key: str, state: tuple[int, ...], expires_at: int) -> None:
+        entry = self._counters.get(key)
+        if entry is None or entry[-1] != expires_at:
+            self._expiry_buckets.setdefault(expires_at, set()).add(key)
+        self._counters[key] = [*state, expires_at]
+
     async def ping(self) -> None:
         return None
 
@@ -68,7 +114,7 @@ class MemoryStore:
         for second in [s for s in self._expiry_buckets if s <= now]:
             for key in self._expiry_buckets.pop(second):
                 entry = self._counters.get(key)
-                if entry is not None and entry[1] <= now:
+                if entry is not None and entry[-1] <= now:
                     del self._counters[key]
                     dropped += 1
         return dropped

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import TypeVar, cast
 
+from ratelimit_svc.limiter.algorithms import Step, StepResult, refund_unadmitted
 from ratelimit_svc.limiter.store import CounterStore, Increment
 
 PER_SECOND_WINDOW = 1
@@ -45,6 +46,31 @@ class PerSecondStore:
         for index, value in zip(slow, slow_values, strict=True):
             results[index] = value
         return results
+
+    async def settle(
+        self, steps: Sequence[Step], now: int, *, refund: bool = False
+    ) -> list[StepResult]:
+        """Each store settles its own steps atomically; a batch spanning both is refunded where
+        it was charged but not admitted as a whole (docs/algorithms.md)."""
+        fast = [i for i, step in enumerate(steps) if step.seconds == PER_SECOND_WINDOW]
+        if not fast:
+            return await self.main.settle(steps, now, refund=refund)
+        if len(fast) == len(steps):
+            return await self.per_second.settle(steps, now, refund=refund)
+        fast_set = set(fast)
+        slow = [i for i in range(len(steps)) if i not in fast_set]
+        fast_results, slow_results = await _both(
+            self.per_second.settle([steps[i] for i in fast], now, refund=refund),
+            self.main.settle([steps[i] for i in slow], now, refund=refund),
+        )
+        if refund:
+            return []
+        results = [StepResult(False, False, 0, 0)] * len(steps)
+        for index, result in zip(fast, fast_results, strict=True):
+            results[index] = result
+        for index, result in zip(slow, slow_results, strict=True):
+            results[index] = result
+        return await refund_unadmitted(self, steps, results, now)
 
     async def get(self, keys: Sequence[str]) -> list[int]:
         if not keys:

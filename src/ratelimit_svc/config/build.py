@@ -6,12 +6,25 @@ place an error points at differs (a line and path in a file, a path in an xDS re
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from ratelimit_svc.config.rules import Node, Rule, Unit, wildcard_pattern
+from ratelimit_svc.config.rules import Algorithm, Node, Rule, Unit, wildcard_pattern
 from ratelimit_svc.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ratelimit_svc.settings.model import Settings
+
+# The longest window: times are microseconds in doubles in the Redis scripts (docs/algorithms.md).
+MAX_WINDOW_SECONDS = 10 * 365 * 86400
+
+def fixed_windows_only(settings: Settings) -> str:
+    """The backend's name when it counts only plain fixed windows (memcache: no atomic
+    read-modify-write), else "" (``load_config``'s ``fixed_windows_only``)."""
+    return settings.backend_type if settings.backend_type == "memcache" else ""
+
 
 # Where an error points: (the input's node, or None; the path in the document) -> " (...)".
 Locate = Callable[[Any, str], str]
@@ -25,6 +38,16 @@ class ParsedLimit:
     unlimited: bool
     name: str
     replaces: list[str]
+    # docs/algorithms.md. ``path`` is where the limit is ("" : ``<descriptor>.rate_limit``);
+    # the ``*_node`` fields are the source's handles on each field, for error locations.
+    path: str = ""
+    algorithm: str = ""
+    algorithm_node: Any = None
+    burst: int | None = None
+    burst_node: Any = None
+    unit_multiplier: int | None = None
+    multiplier_node: Any = None
+    in_list: bool = False  # written as an element of a list of limits
 
 
 @dataclass(slots=True)
@@ -41,16 +64,29 @@ class ParsedDescriptor:
     share_threshold: bool
     metadata: dict[str, Any] | None
     children: list[ParsedDescriptor]
+    # docs/algorithms.md: further limits (``rate_limit`` is then the first of a list).
+    more_limits: list[ParsedLimit] = field(default_factory=list)
+    charge_only_when_admitted: bool = False
 
 
 class Builder:
     """Adds the domains of one config document (named ``name``) to ``domains``."""
 
-    def __init__(self, name: str, domains: dict[str, Node], merge: bool, locate: Locate) -> None:
+    def __init__(
+        self,
+        name: str,
+        domains: dict[str, Node],
+        merge: bool,
+        locate: Locate,
+        *,
+        fixed_windows_only: str = "",
+    ) -> None:
         self.name = name
         self.domains = domains
         self.merge = merge
         self.locate = locate
+        # A backend that counts only plain fixed windows (memcache): docs/algorithms.md.
+        self.fixed_windows_only = fixed_windows_only
 
     def error(self, message: str, node: Any = None, path: str = "") -> ConfigError:
         return ConfigError(f"{self.name}: {message}{self.locate(node, path)}")
@@ -107,10 +143,45 @@ class Builder:
                 parent.wildcards.append((wildcard_pattern(composite), node))
 
     def build_rule(self, d: ParsedDescriptor, stats_key: str) -> Rule | None:
-        limit = d.rate_limit
-        if limit is None:
+        first = d.rate_limit
+        if first is None:
             return None
-        path = f"{d.path}.rate_limit"
+        limits = [first, *d.more_limits]
+        if d.more_limits or first.in_list:
+            for index, limit in enumerate(limits):
+                limit.path = limit.path or f"{d.path}.rate_limit[{index}]"
+                for key, given in (
+                    ("name", limit.name),
+                    ("replaces", limit.replaces),
+                    ("unlimited", limit.unlimited),
+                ):
+                    if given:
+                        raise self.error(
+                            f"'{key}' is not allowed in a rate_limit list (give it a single "
+                            "limit)",
+                            limit.node,
+                            f"{limit.path}.{key}",
+                        )
+        if not d.more_limits:
+            return self.build_limit(d, first, stats_key, "")
+        rules = [self.build_limit(d, limit, stats_key, _stats_suffix(limit)) for limit in limits]
+        seen: dict[tuple[Algorithm, int], str] = {}
+        for limit, rule in zip(limits, rules, strict=True):
+            window = (rule.algorithm, rule.window_seconds)
+            if window in seen:
+                raise self.error(
+                    f"two limits with the same algorithm and window ({seen[window]} and "
+                    f"{limit.path})",
+                    limit.node,
+                    limit.path,
+                )
+            seen[window] = limit.path
+        return dataclasses.replace(rules[0], more=tuple(rules[1:]))
+
+    def build_limit(
+        self, d: ParsedDescriptor, limit: ParsedLimit, stats_key: str, suffix: str
+    ) -> Rule:
+        path = limit.path or f"{d.path}.rate_limit"
         unit = Unit.__members__.get(limit.unit.upper(), Unit.UNKNOWN)
         valid_unit = unit is not Unit.UNKNOWN
         if limit.unlimited:
@@ -127,6 +198,8 @@ class Builder:
                 raise self.error(
                     "replaces should not contain name of same descriptor", limit.node, path
                 )
+        algorithm = self.algorithm(limit, path)
+        self.check_algorithm_fields(d, limit, algorithm, unit, path)
         return Rule(
             requests_per_unit=limit.requests_per_unit,
             unit=unit,
@@ -138,4 +211,88 @@ class Builder:
             quota_mode=d.quota_mode,
             detailed_metric=d.detailed_metric,
             metadata=d.metadata,
+            algorithm=algorithm,
+            unit_multiplier=1 if limit.unit_multiplier is None else limit.unit_multiplier,
+            burst=limit.burst or 0,
+            charge_only_when_admitted=d.charge_only_when_admitted,
+            stats_suffix=suffix,
         )
+
+    def algorithm(self, limit: ParsedLimit, path: str) -> Algorithm:
+        if not limit.algorithm:
+            return Algorithm.FIXED_WINDOW
+        found = Algorithm.__members__.get(limit.algorithm.upper())
+        if found is None or limit.algorithm != limit.algorithm.lower():
+            raise self.error(
+                f"invalid rate limit algorithm '{limit.algorithm}' "
+                "(expected fixed_window, sliding_window or token_bucket)",
+                limit.algorithm_node,
+                f"{path}.algorithm",
+            )
+        return found
+
+    def check_algorithm_fields(
+        self, d: ParsedDescriptor, limit: ParsedLimit, algorithm: Algorithm, unit: Unit, path: str
+    ) -> None:
+        """The fields of docs/algorithms.md, once the unit and algorithm are known."""
+        multiplier = 1 if limit.unit_multiplier is None else limit.unit_multiplier
+        if limit.unlimited and (
+            limit.algorithm or limit.burst is not None or limit.unit_multiplier is not None
+        ):
+            raise self.error(
+                "should not specify algorithm, burst or unit_multiplier when unlimited",
+                limit.node,
+                path,
+            )
+        if multiplier < 1:
+            raise self.error(
+                "unit_multiplier must be at least 1",
+                limit.multiplier_node,
+                f"{path}.unit_multiplier",
+            )
+        if not limit.unlimited and unit.seconds * multiplier > MAX_WINDOW_SECONDS:
+            raise self.error(
+                f"unit_multiplier makes the window {unit.seconds * multiplier} seconds long; "
+                f"at most {MAX_WINDOW_SECONDS} (10 years)",
+                limit.multiplier_node,
+                f"{path}.unit_multiplier",
+            )
+        if limit.burst is not None:
+            # (The YAML loader already calls it the reference's unknown key elsewhere.)
+            if algorithm is not Algorithm.TOKEN_BUCKET:
+                raise self.error(
+                    "burst is only for algorithm token_bucket (docs/algorithms.md)",
+                    limit.burst_node,
+                    f"{path}.burst",
+                )
+            if limit.burst < 1:
+                raise self.error("burst must be at least 1", limit.burst_node, f"{path}.burst")
+        if algorithm is Algorithm.TOKEN_BUCKET and limit.requests_per_unit < 1:
+            raise self.error(
+                "token_bucket needs requests_per_unit of at least 1 (its refill rate)",
+                limit.node,
+                f"{path}.requests_per_unit",
+            )
+        if self.fixed_windows_only and (
+            algorithm is not Algorithm.FIXED_WINDOW or d.charge_only_when_admitted
+        ):
+            what = (
+                f"algorithm {algorithm.name.lower()}"
+                if algorithm is not Algorithm.FIXED_WINDOW
+                else "charge_only_when_admitted"
+            )
+            raise self.error(
+                f"{what} is not supported with BACKEND_TYPE={self.fixed_windows_only} "
+                "(fixed windows only; docs/algorithms.md)",
+                limit.algorithm_node if limit.algorithm else d.node,
+                path if limit.algorithm else d.path,
+            )
+
+
+def _stats_suffix(limit: ParsedLimit) -> str:
+    """``.per_second``, ``.per_5_minute``: each limit of a list has its own stats."""
+    every = f"{limit.unit_multiplier}_" if limit.unit_multiplier not in (None, 1) else ""
+    suffix = f".per_{every}{limit.unit.lower()}"
+    if limit.algorithm and limit.algorithm != "fixed_window":
+        suffix += f"_{limit.algorithm}"
+    return suffix

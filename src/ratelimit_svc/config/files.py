@@ -65,11 +65,13 @@ def read_config_files(directory: Path, *, ignore_dotfiles: bool = False) -> list
 
 
 def load_from_files(
-    location: RuntimeLocation, *, merge_domains: bool = False
+    location: RuntimeLocation, *, merge_domains: bool = False, fixed_windows_only: str = ""
 ) -> RateLimitConfig | None:
     """Load the whole file config; None when there is no config directory configured."""
     directory = location.config_dir
     if directory is None:
         return None
     files = read_config_files(directory, ignore_dotfiles=location.ignore_dotfiles)
-    return load_config(files, merge_domains=merge_domains)
+    return load_config(
+        files, merge_domains=merge_domains, fixed_windows_only=fixed_windows_only
+    )

@@ -24,6 +24,8 @@ from ratelimit_svc.errors import ConfigError
 VALID_KEYS = frozenset(
     "domain key value descriptors rate_limit unit requests_per_unit unlimited shadow_mode "
     "quota_mode name replaces detailed_metric value_to_metric share_threshold metadata".split()
+    # docs/algorithms.md
+    + "algorithm burst unit_multiplier charge_only_when_admitted".split()
 )
 
 _STR = "tag:yaml.org,2002:str"
@@ -47,12 +49,18 @@ class ConfigFile:
     text: str
 
 
-def load_config(files: Sequence[ConfigFile], *, merge_domains: bool = False) -> RateLimitConfig:
-    """Validate and build the whole configuration; the first error rejects the load."""
+def load_config(
+    files: Sequence[ConfigFile], *, merge_domains: bool = False, fixed_windows_only: str = ""
+) -> RateLimitConfig:
+    """Validate and build the whole configuration; the first error rejects the load.
+
+    ``fixed_windows_only`` names a backend that counts only plain fixed windows (memcache): rules
+    needing more are refused at load (docs/algorithms.md)."""
     domains: dict[str, Node] = {}
     for config_file in files:
         for document in _documents(config_file):
             loader = _Loader(config_file.name, document, domains, merge_domains)
+            loader.fixed_windows_only = fixed_windows_only
             try:
                 loader.load()
             except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
@@ -134,6 +142,14 @@ def _json_like(value: Any, path: str) -> Any:
     raise ValueError(f"{path}: a {kind} value ({value!r:.40}) cannot be dynamic metadata")
 
 
+def _is_token_bucket(mapping: yaml.MappingNode) -> bool:
+    return any(
+        isinstance(k, yaml.ScalarNode) and k.value == "algorithm"
+        and isinstance(v, yaml.ScalarNode) and v.value == "token_bucket"
+        for k, v in mapping.value
+    )
+
+
 def _is_null(node: yaml.Node | None) -> bool:
     return node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL)
 
@@ -178,6 +194,7 @@ class _Loader:
         self.document = document
         self.domains = domains
         self.merge = merge
+        self.fixed_windows_only = ""
 
     def error(self, message: str, node: yaml.Node | None = None, path: str = "") -> ConfigError:
         return ConfigError(f"{self.name}: {message}{_where(node, path)}")
@@ -195,6 +212,14 @@ class _Loader:
             key = key_node.value
             if key not in VALID_KEYS:
                 raise self.error(f"config error, unknown key '{key}'", key_node, path)
+            if key == "burst" and not _is_token_bucket(node):
+                # Known only next to `algorithm: token_bucket`; elsewhere the reference's error.
+                raise self.error(
+                    "config error, unknown key 'burst' (it goes with algorithm token_bucket: "
+                    "docs/algorithms.md)",
+                    key_node,
+                    path,
+                )
             child_path = f"{path}.{key}" if path else key
             if key == "metadata":
                 continue  # free-form; returned as-is in dynamic metadata
@@ -303,30 +328,29 @@ class _Loader:
         descriptors = self.sequence(fields.get("descriptors"), "descriptors")
         # Type-check the whole document before semantic checks, as the reference decodes it first.
         parsed = [self.parse_descriptor(d, f"descriptors[{i}]") for i, d in enumerate(descriptors)]
-        Builder(self.name, self.domains, self.merge, _where).add_domain(
+        builder = Builder(
+            self.name, self.domains, self.merge, _where, fixed_windows_only=self.fixed_windows_only
+        )
+        builder.add_domain(
             domain, parsed, document=document, domain_node=fields.get("domain")
         )
 
     def parse_descriptor(self, node: yaml.Node, path: str) -> ParsedDescriptor:
         fields = self.mapping(node, path)
-        rate_limit = None
-        if "rate_limit" in fields and not _is_null(fields["rate_limit"]):
-            rl = self.mapping(fields["rate_limit"], f"{path}.rate_limit")
+        limits: list[ParsedLimit] = []
+        rl_node = fields.get("rate_limit")
+        if rl_node is not None and not _is_null(rl_node):
             rl_path = f"{path}.rate_limit"
-            replaces = []
-            for i, item in enumerate(self.sequence(rl.get("replaces"), f"{rl_path}.replaces")):
-                entry = self.mapping(item, f"{rl_path}.replaces[{i}]")
-                replaces.append(self.text(entry.get("name"), f"{rl_path}.replaces[{i}].name"))
-            rate_limit = ParsedLimit(
-                node=fields["rate_limit"],
-                unit=self.text(rl.get("unit"), f"{rl_path}.unit"),
-                requests_per_unit=self.uint32(
-                    rl.get("requests_per_unit"), f"{rl_path}.requests_per_unit"
-                ),
-                unlimited=self.boolean(rl.get("unlimited"), f"{rl_path}.unlimited"),
-                name=self.text(rl.get("name"), f"{rl_path}.name"),
-                replaces=replaces,
-            )
+            if isinstance(rl_node, yaml.SequenceNode):  # a list of limits (docs/algorithms.md)
+                limits = [
+                    self.parse_limit(item, f"{rl_path}[{i}]", in_list=True)
+                    for i, item in enumerate(rl_node.value)
+                ]
+                if not limits:
+                    raise self.error("a rate_limit list must not be empty", rl_node, rl_path)
+            else:
+                limits = [self.parse_limit(rl_node, rl_path)]
+                limits[0].path = ""  # a single limit: the reference's place
         children = [
             self.parse_descriptor(child, f"{path}.descriptors[{i}]")
             for i, child in enumerate(
@@ -338,7 +362,11 @@ class _Loader:
             path=path,
             key=self.text(fields.get("key"), f"{path}.key"),
             value=self.text(fields.get("value"), f"{path}.value"),
-            rate_limit=rate_limit,
+            rate_limit=limits[0] if limits else None,
+            more_limits=limits[1:],
+            charge_only_when_admitted=self.boolean(
+                fields.get("charge_only_when_admitted"), f"{path}.charge_only_when_admitted"
+            ),
             shadow_mode=self.boolean(fields.get("shadow_mode"), f"{path}.shadow_mode"),
             quota_mode=self.boolean(fields.get("quota_mode"), f"{path}.quota_mode"),
             detailed_metric=self.boolean(fields.get("detailed_metric"), f"{path}.detailed_metric"),
@@ -346,4 +374,33 @@ class _Loader:
             share_threshold=self.boolean(fields.get("share_threshold"), f"{path}.share_threshold"),
             metadata=self.free_form(fields.get("metadata"), f"{path}.metadata"),
             children=children,
+        )
+
+    def parse_limit(self, node: yaml.Node, rl_path: str, *, in_list: bool = False) -> ParsedLimit:
+        rl = self.mapping(node, rl_path)
+        replaces = []
+        for i, item in enumerate(self.sequence(rl.get("replaces"), f"{rl_path}.replaces")):
+            entry = self.mapping(item, f"{rl_path}.replaces[{i}]")
+            replaces.append(self.text(entry.get("name"), f"{rl_path}.replaces[{i}].name"))
+        return ParsedLimit(
+            node=node,
+            path=rl_path,
+            unit=self.text(rl.get("unit"), f"{rl_path}.unit"),
+            requests_per_unit=self.uint32(
+                rl.get("requests_per_unit"), f"{rl_path}.requests_per_unit"
+            ),
+            unlimited=self.boolean(rl.get("unlimited"), f"{rl_path}.unlimited"),
+            name=self.text(rl.get("name"), f"{rl_path}.name"),
+            replaces=replaces,
+            algorithm=self.text(rl.get("algorithm"), f"{rl_path}.algorithm"),
+            algorithm_node=rl.get("algorithm"),
+            burst=self.uint32(rl.get("burst"), f"{rl_path}.burst") if "burst" in rl else None,
+            burst_node=rl.get("burst"),
+            unit_multiplier=(
+                self.uint32(rl.get("unit_multiplier"), f"{rl_path}.unit_multiplier")
+                if "unit_multiplier" in rl
+                else None
+            ),
+            multiplier_node=rl.get("unit_multiplier"),
+            in_list=in_list,
         )

@@ -42,6 +42,26 @@ _UNIT_SECONDS = {
 }
 
 
+class Algorithm(enum.IntEnum):
+    """How a limit counts (docs/algorithms.md); values are the xDS resource's enum numbers and the
+    Lua script's algorithm codes."""
+
+    FIXED_WINDOW = 0
+    SLIDING_WINDOW = 1
+    TOKEN_BUCKET = 2
+
+    @property
+    def key_tag(self) -> str:
+        return _KEY_TAGS[self]
+
+
+_KEY_TAGS = {
+    Algorithm.FIXED_WINDOW: "fw",
+    Algorithm.SLIDING_WINDOW: "sw",
+    Algorithm.TOKEN_BUCKET: "tb",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """A limit attached to a descriptor node (or built from a request's limit override)."""
@@ -56,6 +76,44 @@ class Rule:
     quota_mode: bool = False
     detailed_metric: bool = False
     metadata: Mapping[str, Any] | None = None
+    # docs/algorithms.md. A rule that leaves all of these at their defaults counts exactly as the
+    # reference does, with the reference's keys.
+    algorithm: Algorithm = Algorithm.FIXED_WINDOW
+    unit_multiplier: int = 1
+    burst: int = 0  # token bucket size; 0: requests_per_unit
+    charge_only_when_admitted: bool = False
+    stats_suffix: str = ""  # appended to the stats key (each limit of a list has its own)
+    more: tuple[Rule, ...] = ()  # the further limits of a list (this rule is the first)
+
+    @property
+    def window_seconds(self) -> int:
+        return self.unit.seconds * self.unit_multiplier
+
+    # Counted as the reference counts: one fixed window of one unit, the reference's key. Kept
+    # as a field (set once here) because the limiter asks for every descriptor of every request.
+    classic: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        classic = (
+            self.algorithm is Algorithm.FIXED_WINDOW
+            and self.unit_multiplier == 1
+            and not self.more
+            and not self.charge_only_when_admitted
+        )
+        object.__setattr__(self, "classic", classic)
+
+    @property
+    def limits(self) -> tuple[Rule, ...]:
+        return (self, *self.more)
+
+    def describe(self) -> str:
+        """One limit in words for /rlconfig: ``10 per 5 minute, sliding_window``."""
+        every = f"{self.unit_multiplier} " if self.unit_multiplier != 1 else ""
+        text = f"{self.requests_per_unit} per {every}{self.unit.name.lower()}"
+        text += f", {self.algorithm.name.lower()}"
+        if self.algorithm is Algorithm.TOKEN_BUCKET:
+            text += f" burst {self.burst or self.requests_per_unit}"
+        return text
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -99,12 +157,17 @@ class RateLimitConfig:
         """The reference's /rlconfig format, one line per rule."""
         lines = []
         for rule in self.rules():
-            lines.append(
+            line = (
                 f"{rule.stats_key}: unit={rule.unit.name} "
                 f"requests_per_unit={rule.requests_per_unit}, "
                 f"shadow_mode: {str(rule.shadow_mode).lower()}, "
                 f"quota_mode: {str(rule.quota_mode).lower()}"
             )
+            if not rule.classic:  # only rules using docs/algorithms.md say more than the reference
+                line += ", limits: " + "; ".join(limit.describe() for limit in rule.limits)
+                if rule.charge_only_when_admitted:
+                    line += ", charge_only_when_admitted: true"
+            lines.append(line)
         return "\n".join(lines) + ("\n" if lines else "")
 
 

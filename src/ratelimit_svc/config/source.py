@@ -48,10 +48,17 @@ class FileSource:
     """CONFIG_TYPE=FILE: load the files at start and, with ``watch``, after every change."""
 
     def __init__(
-        self, location: RuntimeLocation, *, watch: bool, watch_root: bool, merge_domains: bool
+        self,
+        location: RuntimeLocation,
+        *,
+        watch: bool,
+        watch_root: bool,
+        merge_domains: bool,
+        fixed_windows_only: str = "",
     ) -> None:
         self.location = location
         self.merge_domains = merge_domains
+        self.fixed_windows_only = fixed_windows_only  # docs/algorithms.md
         self._watch = watch
         self._watch_root = watch_root
         self.watcher: ConfigWatcher | None = None
@@ -69,7 +76,11 @@ class FileSource:
     def load(self, sink: ConfigSink) -> None:
         """Load the whole file config once and report the result."""
         try:
-            config = load_from_files(self.location, merge_domains=self.merge_domains)
+            config = load_from_files(
+                self.location,
+                merge_domains=self.merge_domains,
+                fixed_windows_only=self.fixed_windows_only,
+            )
         except ConfigError as exc:
             sink.failed(exc)
             return

@@ -24,7 +24,12 @@ from google.protobuf import json_format, message
 from google.protobuf.struct_pb2 import Struct
 
 from ratelimit_svc import __version__
-from ratelimit_svc.config.build import Builder, ParsedDescriptor, ParsedLimit
+from ratelimit_svc.config.build import (
+    Builder,
+    ParsedDescriptor,
+    ParsedLimit,
+    fixed_windows_only,
+)
 from ratelimit_svc.config.rules import Node, RateLimitConfig
 from ratelimit_svc.config.source import ConfigSink
 from ratelimit_svc.errors import ConfigError, SettingsError
@@ -47,7 +52,7 @@ _MAX_DOUBLINGS = 60  # 2**60 intervals is already past any max interval
 
 
 def load_resources(
-    resources: Sequence[Any], *, merge_domains: bool = False
+    resources: Sequence[Any], *, merge_domains: bool = False, fixed_windows_only: str = ""
 ) -> RateLimitConfig:
     """Validate and build the config from one response's resources (``google.protobuf.Any``):
     each RateLimitConfig message is read straight into the rule model, through the same checks
@@ -56,7 +61,9 @@ def load_resources(
     for index, resource in enumerate(resources):
         config = _decode(index, resource)
         name = config.name or f"<xDS resource {index}>"
-        builder = Builder(name, domains, merge_domains, _locate)
+        builder = Builder(
+            name, domains, merge_domains, _locate, fixed_windows_only=fixed_windows_only
+        )
         descriptors = [
             _descriptor(d, f"descriptors[{i}]") for i, d in enumerate(config.descriptors)
         ]
@@ -88,6 +95,13 @@ def _descriptor(d: Any, path: str) -> ParsedDescriptor:
         key=d.key,
         value=d.value,
         rate_limit=_limit(d.rate_limit) if d.HasField("rate_limit") else None,
+        # docs/algorithms.md: with additional_limits, rate_limit is the first of a list.
+        more_limits=(
+            [_limit(p, in_list=True) for p in d.additional_limits]
+            if d.HasField("rate_limit")
+            else []
+        ),
+        charge_only_when_admitted=d.charge_only_when_admitted,
         shadow_mode=d.shadow_mode,
         quota_mode=d.quota_mode,
         detailed_metric=d.detailed_metric,
@@ -101,7 +115,7 @@ def _descriptor(d: Any, path: str) -> ParsedDescriptor:
     )
 
 
-def _limit(policy: Any) -> ParsedLimit:
+def _limit(policy: Any, *, in_list: bool = False) -> ParsedLimit:
     # As the reference: the enum's name (UNKNOWN when unset, so "invalid rate limit unit
     # 'UNKNOWN'"), or its number when the control plane sends one this proto does not name.
     try:
@@ -115,7 +129,21 @@ def _limit(policy: Any) -> ParsedLimit:
         unlimited=policy.unlimited,
         name=policy.name,
         replaces=[r.name for r in policy.replaces],
+        algorithm=_algorithm(policy.algorithm),
+        burst=policy.burst if policy.HasField("burst") else None,
+        unit_multiplier=policy.unit_multiplier or None,
+        in_list=in_list,
     )
+
+
+def _algorithm(number: int) -> str:
+    """The YAML spelling of a RateLimitAlgorithm ("" for the default, fixed_window)."""
+    if not number:
+        return ""
+    try:
+        return str(rls_conf_pb2.RateLimitAlgorithm.Name(number)).lower()
+    except ValueError:
+        return str(number)
 
 
 # -- reconnect backoff -------------------------------------------------------------------------
@@ -278,7 +306,9 @@ class XdsConfigClient:
             return None
         try:
             config = load_resources(
-                response.resources, merge_domains=self.settings.merge_domain_config
+                response.resources,
+                merge_domains=self.settings.merge_domain_config,
+                fixed_windows_only=fixed_windows_only(self.settings),
             )
         except ConfigError as exc:
             if self._sink is not None:

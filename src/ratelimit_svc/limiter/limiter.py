@@ -1,21 +1,25 @@
 """Rate-limit decisions over a counter store: matching, counter keys, the local over-limit cache,
 the per-descriptor decision (``windows.decide``), the overall code, response headers and dynamic
 metadata, once for every backend, without protobuf (docs/configuration.md (How a request is
-answered)).
+answered)). Rules that use the algorithms of docs/algorithms.md become store steps
+(``limiter.stepped``) settled in one call beside the plain ones.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ratelimit_svc.config.rules import RateLimitConfig, Rule, Unit
+from ratelimit_svc.config.rules import Algorithm, RateLimitConfig, Rule, Unit
 from ratelimit_svc.errors import NoConfigError, RequestError
+from ratelimit_svc.limiter.algorithms import US
 from ratelimit_svc.limiter.localcache import LocalCache
 from ratelimit_svc.limiter.matching import Entry, Match, Override, match
+from ratelimit_svc.limiter.stepped import Stepped, judge, limit_key, make_step
 from ratelimit_svc.limiter.store import CounterStore, Increment
 from ratelimit_svc.limiter.windows import Code, RuleCounts, decide, near_threshold
 
@@ -35,9 +39,6 @@ __all__ = [
 ]
 
 MAX_UINT32 = 2**32 - 1
-
-
-
 
 
 
@@ -92,6 +93,8 @@ class LimiterOptions:
     quota_mode: bool = False
     response_headers: tuple[str, str, str] | None = None  # (limit, remaining, reset) names
     dynamic_metadata: bool = False
+    charge_only_when_admitted: bool = False  # every rule (docs/algorithms.md)
+    ietf_headers: bool = False  # RateLimit and RateLimit-Policy (docs/algorithms.md)
 
 
 class _Counted:
@@ -159,10 +162,12 @@ class Limiter:
             raise NoConfigError()
 
         options = self.options
-        now = int(self.clock())
+        clock_now = self.clock()
+        now = int(clock_now)
         matches = self._match_all(config, request)
         statuses: list[Status] = [_OK] * len(descriptors)
         counted: list[_Counted] = []
+        stepped: list[tuple[int, Match, int]] | None = None
         prefix = options.cache_key_prefix
         default_hits = max(1, request.hits_addend)
         for index, found in enumerate(matches):
@@ -173,6 +178,11 @@ class Limiter:
                 statuses[index] = _UNLIMITED
                 continue
             hits = descriptors[index].hits_addend
+            if not rule.classic or options.charge_only_when_admitted:
+                if stepped is None:
+                    stepped = []
+                stepped.append((index, found, default_hits if hits is None else hits))
+                continue
             window = rule.unit.seconds
             into = now % window
             counted.append(
@@ -188,7 +198,11 @@ class Limiter:
                 )
             )
 
-        if counted:
+        items: list[Stepped] = []
+        if stepped is not None:
+            items = self._steps(stepped, counted, now, clock_now)
+            await self._settle(items, counted, now, int(clock_now * US))
+        elif counted:
             await self._count(counted, now)
 
         add_rule = self.stats.add_rule
@@ -209,11 +223,18 @@ class Limiter:
                 cache.add(item.key, now + item.reset)  # shadow-mode rules are cached too
             statuses[item.index] = Status(code, rule, remaining, item.reset)
 
-        overall = self._overall(statuses, counted, matches)
+        deciders: list[_Counted | Stepped] = list(counted)
+        if items:
+            deciders.extend(self._judge_steps(items, statuses, int(clock_now * US)))
+        overall = self._overall(statuses, deciders, matches)
         if overall is Code.OVER_LIMIT and options.shadow_mode:
             self.stats.add("ratelimit.service.global_shadow_mode")
             overall = Code.OK
-        headers = self._headers(statuses, counted) if options.response_headers else ()
+        headers = (
+            self._headers(statuses, deciders)
+            if options.response_headers or options.ietf_headers
+            else ()
+        )
         metadata = (
             self._dynamic_metadata(request, statuses, matches) if options.dynamic_metadata else None
         )
@@ -285,8 +306,95 @@ class Limiter:
         for item, value in zip(pending, values, strict=True):
             item.after = value
 
+    def _steps(
+        self,
+        stepped: list[tuple[int, Match, int]],
+        counted: list[_Counted],
+        now: int,
+        clock_now: float,
+    ) -> list[Stepped]:
+        """Store steps for the rules of docs/algorithms.md. When any of them is charged only if
+        the request is admitted, the request's plain fixed windows join the same batch, so that
+        one atomic operation sees every verdict."""
+        options = self.options
+        now_us = int(clock_now * US)
+        conditional_all = options.charge_only_when_admitted
+        together = conditional_all or any(m.rule.charge_only_when_admitted for _, m, _ in stepped)
+        jitter_max = options.expiration_jitter_max_seconds
+        prefix = options.cache_key_prefix
+        binding = not options.shadow_mode
+        jitter = self.jitter
+        items: list[Stepped] = []
+        # (index, limit, stats key, key, hits, quota, conditional) of every limit
+        limits: list[tuple[int, Rule, str, str, int, bool, bool]] = []
+        if together:
+            limits = [
+                (i.index, i.rule, i.stats_key, i.key, i.hits, i.quota, conditional_all)
+                for i in counted
+            ]
+            counted.clear()
+        for index, found, hits in stepped:
+            rule = found.rule
+            conditional = conditional_all or rule.charge_only_when_admitted
+            quota = rule.quota_mode or options.quota_mode
+            for limit in (rule, *rule.more) if rule.more else (rule,):
+                key = limit_key(prefix, found.key_body, limit, now)
+                stats_key = found.stats_key + limit.stats_suffix
+                limits.append((index, limit, stats_key, key, hits, quota, conditional))
+        for index, limit, stats_key, key, hits, quota, conditional in limits:
+            ttl = limit.window_seconds
+            if jitter_max > 0 and limit.algorithm is Algorithm.FIXED_WINDOW:
+                ttl += jitter(jitter_max)
+            step = make_step(
+                limit, key, hits, now_us, ttl, conditional=conditional,
+                binding=binding and not limit.shadow_mode,
+            )
+            items.append(Stepped(index, limit, stats_key, quota, step))
+        return items
+
+    async def _settle(
+        self, items: list[Stepped], counted: list[_Counted], now: int, now_us: int
+    ) -> None:
+        settling = self.store.settle([item.step for item in items], now_us)
+        if counted:  # plain fixed windows, on their own path (local cache, stop-cache option)
+            _, results = await asyncio.gather(self._count(counted, now), settling)
+        else:
+            results = await settling
+        for item, result in zip(items, results, strict=True):
+            item.result = result
+
+    def _judge_steps(
+        self, items: list[Stepped], statuses: list[Status], now_us: int
+    ) -> list[Stepped]:
+        """Statuses and stats of stepped limits; one representative per descriptor: its first
+        over-limit limit, else the one with the least remaining (docs/algorithms.md)."""
+        add_rule = self.stats.add_rule
+        chosen: dict[int, tuple[Status, Stepped]] = {}
+        for item in items:
+            limit = item.rule
+            capacity, used, reset_us = judge(item, now_us)
+            code, remaining, counts = decide(
+                capacity, item.step.hits, used, self._near_threshold(capacity),
+                shadow=limit.shadow_mode,
+            )
+            add_rule(item.stats_key, counts)
+            status = Status(code, limit, remaining, -(-reset_us // US))
+            best = chosen.get(item.index)
+            if best is None or _more_restrictive(status, best[0]):
+                chosen[item.index] = (status, item)
+        if len(chosen) == len(items):  # one limit per descriptor: every item represents one
+            for status, item in chosen.values():
+                statuses[item.index] = status
+            return items
+        for index, (status, _) in chosen.items():
+            statuses[index] = status
+        return [item for _, item in chosen.values()]
+
     def _overall(
-        self, statuses: list[Status], counted: list[_Counted], matches: list[Match | None]
+        self,
+        statuses: list[Status],
+        counted: Sequence[_Counted | Stepped],
+        matches: list[Match | None],
     ) -> Code:
         quota_statuses = []
         for item in counted:
@@ -304,10 +412,9 @@ class Limiter:
         return Code.OK
 
     def _headers(
-        self, statuses: list[Status], counted: list[_Counted]
+        self, statuses: list[Status], counted: Sequence[_Counted | Stepped]
     ) -> tuple[tuple[str, str], ...]:
         names = self.options.response_headers
-        assert names is not None
         quota = {item.index for item in counted if item.quota}
         chosen: Status | None = None
         for status in statuses:
@@ -320,12 +427,17 @@ class Limiter:
                 chosen = status
         if chosen is None or chosen.rule is None:
             return ()
-        limit_name, remaining_name, reset_name = names
-        return (
-            (limit_name, str(chosen.rule.requests_per_unit)),
-            (remaining_name, str(chosen.remaining)),
-            (reset_name, str(chosen.reset_seconds)),
-        )
+        headers: tuple[tuple[str, str], ...] = ()
+        if names is not None:
+            limit_name, remaining_name, reset_name = names
+            headers = (
+                (limit_name, str(chosen.rule.requests_per_unit)),
+                (remaining_name, str(chosen.remaining)),
+                (reset_name, str(chosen.reset_seconds)),
+            )
+        if self.options.ietf_headers:
+            headers += ietf_headers(chosen.rule, chosen.remaining, chosen.reset_seconds)
+        return headers
 
     def _dynamic_metadata(
         self, request: Request, statuses: list[Status], matches: list[Match | None]
@@ -354,6 +466,33 @@ class Limiter:
         if merged:
             result["metadata"] = merged
         return result
+
+
+def _more_restrictive(status: Status, than: Status) -> bool:
+    if (status.code is Code.OVER_LIMIT) != (than.code is Code.OVER_LIMIT):
+        return status.code is Code.OVER_LIMIT
+    return status.code is not Code.OVER_LIMIT and status.remaining < than.remaining
+
+
+def ietf_headers(rule: Rule, remaining: int, reset: int) -> tuple[tuple[str, str], ...]:
+    """``RateLimit-Policy`` and ``RateLimit`` of the IETF RateLimit header fields draft for the
+    limit that decided (docs/algorithms.md, "Response headers"). The policy is named after the
+    rule's config path; a token bucket's quota is its burst, its window the time to refill it."""
+    name = _sf_string(rule.stats_key + rule.stats_suffix)
+    quota, window = rule.requests_per_unit, rule.window_seconds
+    if rule.algorithm is Algorithm.TOKEN_BUCKET and quota:
+        # A full bucket per the time it takes to refill: the burst, and the long-run rate.
+        quota, window = rule.burst or quota, -(-(rule.burst or quota) * window // quota)
+    return (
+        ("RateLimit-Policy", f"{name};q={quota};w={window}"),
+        ("RateLimit", f"{name};r={remaining};t={reset}"),
+    )
+
+
+def _sf_string(text: str) -> str:
+    """A structured-field string (RFC 8941): printable ASCII, quote and backslash escaped."""
+    safe = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return '"' + safe.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _merge_first_wins(into: dict[str, Any], new: Any) -> None:

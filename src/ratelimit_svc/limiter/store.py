@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
+from ratelimit_svc.limiter.algorithms import Step, StepResult
+
 
 class Increment(NamedTuple):
     """Add ``hits`` to counter ``key``, whose window is ``window`` seconds long; the counter may be
@@ -26,6 +28,14 @@ class CounterStore(Protocol):
 
     async def get(self, keys: Sequence[str]) -> list[int]:
         """Current values of the counters (0 for a missing one), in one round trip."""
+        ...
+
+    async def settle(
+        self, steps: Sequence[Step], now: int, *, refund: bool = False
+    ) -> list[StepResult]:
+        """Check and charge every step as one atomic operation at ``now`` (microseconds), as
+        ``limiter.algorithms`` defines it; with ``refund``, undo one charge of each step instead
+        (docs/algorithms.md)."""
         ...
 
     async def ping(self) -> None:

@@ -269,6 +269,13 @@ class Settings(_Group):
     stop_cache_key_increment_when_overlimit: Annotated[
         Bool, Doc("a request over one limit does not count against the others")
     ] = False
+    charge_only_when_admitted: Annotated[
+        Bool,
+        Doc("every rule is charged only when the whole request is admitted (docs/algorithms.md)"),
+    ] = False
+    ietf_ratelimit_headers_enabled: Annotated[
+        Bool, Doc("add the IETF draft's `RateLimit` and `RateLimit-Policy` response headers")
+    ] = False
     shadow_mode: Annotated[Bool, Doc("never answer OVER_LIMIT overall (stats still count)")] = False
     quota_mode: Annotated[Bool, Doc("every rule is a quota rule")] = False
     response_dynamic_metadata: Annotated[
@@ -372,6 +379,11 @@ class Settings(_Group):
             raise SettingsError(
                 f"MEMCACHE_HOST_PORT and MEMCACHE_SRV are both set "
                 f"({','.join(memcache.host_port)!r} and {memcache.srv!r}): set only one"
+            )
+        if self.charge_only_when_admitted and self.backend_type == "memcache":
+            raise SettingsError(
+                "CHARGE_ONLY_WHEN_ADMITTED=true needs an atomic check-and-charge, which "
+                "BACKEND_TYPE=memcache cannot do (docs/algorithms.md): use redis or memory"
             )
         if self.workers > 1 and self.backend_type == "memory":
             raise SettingsError(

@@ -25,6 +25,7 @@ from ratelimit_svc.backends.memcache.client import (
     tls_context,
 )
 from ratelimit_svc.errors import BackendError
+from ratelimit_svc.limiter.algorithms import Step, StepResult
 from ratelimit_svc.limiter.store import Increment
 
 if TYPE_CHECKING:
@@ -135,6 +136,15 @@ class MemcacheStore:
         if self._pending and self._flusher is None and not self._closed:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
         return results
+
+    async def settle(
+        self, steps: Sequence[Step], now: int, *, refund: bool = False
+    ) -> list[StepResult]:
+        # Rules that need it are refused when the config loads (docs/algorithms.md).
+        raise BackendError(
+            "memcache: only fixed windows without charge_only_when_admitted are supported "
+            "(docs/algorithms.md)"
+        )
 
     async def get(self, keys: Sequence[str]) -> list[int]:
         mapped = [storage_key(key) for key in keys]

@@ -25,6 +25,7 @@ from ratelimit_svc.backends.redis.connection import (
     split_host_port,
 )
 from ratelimit_svc.errors import BackendError
+from ratelimit_svc.limiter.algorithms import Step
 
 if TYPE_CHECKING:
     from ratelimit_svc.settings.model import RedisSettings
@@ -195,6 +196,12 @@ class ClusterStore(CommandStore):
                 f"redis: cluster {self.address}: slots still moving after {self._op_timeout:g}s"
             ) from None
 
+    def _script_groups(self, steps: Sequence[Step]) -> list[list[int]] | None:
+        by_slot: dict[int, list[int]] = {}
+        for index, step in enumerate(steps):
+            by_slot.setdefault(key_slot(step.key.encode()), []).append(index)
+        return list(by_slot.values()) if len(by_slot) > 1 else None
+
     def _group(self, commands: Sequence[Command]) -> dict[tuple[str, bool], list[int]]:
         groups: dict[tuple[str, bool], list[int]] = {}
         for index, command in enumerate(commands):
@@ -207,7 +214,8 @@ class ClusterStore(CommandStore):
             if primaries:
                 return random.choice(primaries)
             return self._seeds[0]
-        key = command[1]
+        # A script's first key (its keys share a slot: ``_script_groups``).
+        key = command[3] if command[0] in ("EVALSHA", "EVAL") else command[1]
         slot = key_slot(key.encode() if isinstance(key, str) else str(key).encode())
         owner = self._slots[slot]
         if owner is None:

@@ -21,10 +21,12 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from ratelimit_svc.backends.redis import scripts as redis_scripts
 from ratelimit_svc.backends.redis.pipelining import Coalescer
 from ratelimit_svc.errors import BackendError
+from ratelimit_svc.limiter.algorithms import Step, StepResult, refund_unadmitted
 from ratelimit_svc.limiter.store import Increment
 
 if TYPE_CHECKING:
@@ -303,6 +305,50 @@ class CommandStore:
             raise BackendError(f"{self.label}: unexpected reply to MGET from {self.address}")
         return [0 if value is None else self._as_int(value) for value in values]
 
+    async def settle(
+        self, steps: Sequence[Step], now: int, *, refund: bool = False
+    ) -> list[StepResult]:
+        """Run the settle script (docs/algorithms.md) once per group of keys that must meet on
+        one server; several groups are settled one by one atomically and refunded together."""
+        if not steps:
+            return []
+        groups = self._script_groups(steps)
+        if groups is None:  # the common case: one script for the whole batch
+            (reply,) = await self._script([steps], now, refund)
+            return [] if refund else redis_scripts.parse(reply, len(steps), self.address)
+        batches = [[steps[i] for i in group] for group in groups]
+        replies = await self._script(batches, now, refund)
+        if refund:
+            return []
+        results: list[StepResult] = [StepResult(False, False, 0, 0)] * len(steps)
+        for group, reply in zip(groups, replies, strict=True):
+            parsed = redis_scripts.parse(reply, len(group), self.address)
+            for index, result in zip(group, parsed, strict=True):
+                results[index] = result
+        return await refund_unadmitted(self, steps, results, now)
+
+    async def _script(
+        self, batches: Sequence[Sequence[Step]], now: int, refund: bool
+    ) -> list[Any]:
+        """One EVALSHA per batch; those answered NOSCRIPT once more as EVAL (which loads it)."""
+        replies = await self._run(
+            [redis_scripts.evalsha(b, now, refund=refund) for b in batches], checked=False
+        )
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            again = await self._run(
+                [redis_scripts.eval_(batches[i], now, refund=refund) for i in missing],
+                checked=False,
+            )
+            for index, reply in zip(missing, again, strict=True):
+                replies[index] = reply
+        return self._checked(replies)
+
+    def _script_groups(self, steps: Sequence[Step]) -> list[list[int]] | None:
+        """Indexes of the steps one script may run together (None: all of them, on one
+        server)."""
+        return None
+
     async def ping(self) -> None:
         self._checked(await self._round_trip([("PING",)]))
 
@@ -310,14 +356,14 @@ class CommandStore:
         if self._coalescer is not None:
             await self._coalescer.close()
 
-    async def _run(self, commands: Sequence[Command]) -> list[Any]:
+    async def _run(self, commands: Sequence[Command], *, checked: bool = True) -> list[Any]:
         if not commands:
             return []
         if self._coalescer is not None:
             replies = await self._coalescer.submit(commands)
         else:
             replies = await self._round_trip(commands)
-        return self._checked(replies)
+        return self._checked(replies) if checked else replies
 
     def _checked(self, replies: list[Any]) -> list[Any]:
         first_error = next((r for r in replies if isinstance(r, ResponseError)), None)

@@ -25,21 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,ratelimit/config/ratelimit/v3/rls_conf.proto\x12\x1dratelimit.config.ratelimit.v3\x1a\x1cgoogle/protobuf/struct.proto\"x\n\x0fRateLimitConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12G\n\x0b\x64\x65scriptors\x18\x03 \x03(\x0b\x32\x32.ratelimit.config.ratelimit.v3.RateLimitDescriptor\"\xab\x02\n\x13RateLimitDescriptor\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x42\n\nrate_limit\x18\x03 \x01(\x0b\x32..ratelimit.config.ratelimit.v3.RateLimitPolicy\x12G\n\x0b\x64\x65scriptors\x18\x04 \x03(\x0b\x32\x32.ratelimit.config.ratelimit.v3.RateLimitDescriptor\x12\x13\n\x0bshadow_mode\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65tailed_metric\x18\x06 \x01(\x08\x12\x12\n\nquota_mode\x18\x07 \x01(\x08\x12)\n\x08metadata\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xcc\x01\n\x0fRateLimitPolicy\x12:\n\x04unit\x18\x01 \x01(\x0e\x32,.ratelimit.config.ratelimit.v3.RateLimitUnit\x12\x19\n\x11requests_per_unit\x18\x02 \x01(\r\x12\x11\n\tunlimited\x18\x03 \x01(\x08\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x41\n\x08replaces\x18\x05 \x03(\x0b\x32/.ratelimit.config.ratelimit.v3.RateLimitReplace\" \n\x10RateLimitReplace\x12\x0c\n\x04name\x18\x01 \x01(\t*f\n\rRateLimitUnit\x12\x0b\n\x07UNKNOWN\x10\x00\x12\n\n\x06SECOND\x10\x01\x12\n\n\x06MINUTE\x10\x02\x12\x08\n\x04HOUR\x10\x03\x12\x07\n\x03\x44\x41Y\x10\x04\x12\t\n\x05MONTH\x10\x05\x12\x08\n\x04YEAR\x10\x06\x12\x08\n\x04WEEK\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,ratelimit/config/ratelimit/v3/rls_conf.proto\x12\x1dratelimit.config.ratelimit.v3\x1a\x1cgoogle/protobuf/struct.proto\"x\n\x0fRateLimitConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12G\n\x0b\x64\x65scriptors\x18\x03 \x03(\x0b\x32\x32.ratelimit.config.ratelimit.v3.RateLimitDescriptor\"\x99\x03\n\x13RateLimitDescriptor\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x42\n\nrate_limit\x18\x03 \x01(\x0b\x32..ratelimit.config.ratelimit.v3.RateLimitPolicy\x12G\n\x0b\x64\x65scriptors\x18\x04 \x03(\x0b\x32\x32.ratelimit.config.ratelimit.v3.RateLimitDescriptor\x12\x13\n\x0bshadow_mode\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65tailed_metric\x18\x06 \x01(\x08\x12\x12\n\nquota_mode\x18\x07 \x01(\x08\x12)\n\x08metadata\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12I\n\x11\x61\x64\x64itional_limits\x18\x65 \x03(\x0b\x32..ratelimit.config.ratelimit.v3.RateLimitPolicy\x12!\n\x19\x63harge_only_when_admitted\x18\x66 \x01(\x08\"\xc9\x02\n\x0fRateLimitPolicy\x12:\n\x04unit\x18\x01 \x01(\x0e\x32,.ratelimit.config.ratelimit.v3.RateLimitUnit\x12\x19\n\x11requests_per_unit\x18\x02 \x01(\r\x12\x11\n\tunlimited\x18\x03 \x01(\x08\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x41\n\x08replaces\x18\x05 \x03(\x0b\x32/.ratelimit.config.ratelimit.v3.RateLimitReplace\x12\x44\n\talgorithm\x18\x65 \x01(\x0e\x32\x31.ratelimit.config.ratelimit.v3.RateLimitAlgorithm\x12\x12\n\x05\x62urst\x18\x66 \x01(\rH\x00\x88\x01\x01\x12\x17\n\x0funit_multiplier\x18g \x01(\rB\x08\n\x06_burst\" \n\x10RateLimitReplace\x12\x0c\n\x04name\x18\x01 \x01(\t*L\n\x12RateLimitAlgorithm\x12\x10\n\x0c\x46IXED_WINDOW\x10\x00\x12\x12\n\x0eSLIDING_WINDOW\x10\x01\x12\x10\n\x0cTOKEN_BUCKET\x10\x02*f\n\rRateLimitUnit\x12\x0b\n\x07UNKNOWN\x10\x00\x12\n\n\x06SECOND\x10\x01\x12\n\n\x06MINUTE\x10\x02\x12\x08\n\x04HOUR\x10\x03\x12\x07\n\x03\x44\x41Y\x10\x04\x12\t\n\x05MONTH\x10\x05\x12\x08\n\x04YEAR\x10\x06\x12\x08\n\x04WEEK\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ratelimit.config.ratelimit.v3.rls_conf_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RATELIMITUNIT']._serialized_start=774
-  _globals['_RATELIMITUNIT']._serialized_end=876
+  _globals['_RATELIMITALGORITHM']._serialized_start=1009
+  _globals['_RATELIMITALGORITHM']._serialized_end=1085
+  _globals['_RATELIMITUNIT']._serialized_start=1087
+  _globals['_RATELIMITUNIT']._serialized_end=1189
   _globals['_RATELIMITCONFIG']._serialized_start=109
   _globals['_RATELIMITCONFIG']._serialized_end=229
   _globals['_RATELIMITDESCRIPTOR']._serialized_start=232
-  _globals['_RATELIMITDESCRIPTOR']._serialized_end=531
-  _globals['_RATELIMITPOLICY']._serialized_start=534
-  _globals['_RATELIMITPOLICY']._serialized_end=738
-  _globals['_RATELIMITREPLACE']._serialized_start=740
-  _globals['_RATELIMITREPLACE']._serialized_end=772
+  _globals['_RATELIMITDESCRIPTOR']._serialized_end=641
+  _globals['_RATELIMITPOLICY']._serialized_start=644
+  _globals['_RATELIMITPOLICY']._serialized_end=973
+  _globals['_RATELIMITREPLACE']._serialized_start=975
+  _globals['_RATELIMITREPLACE']._serialized_end=1007
 # @@protoc_insertion_point(module_scope)
