@@ -24,6 +24,13 @@ class BackendError(RateLimitSvcError):
     """The counter backend failed or timed out (answered as gRPC UNAVAILABLE)."""
 
 
+class CounterError(RateLimitSvcError):
+    """The backend refused one counter: its key holds something that cannot be counted (another
+    type, a non-integer, a value at the overflow limit). The backend itself is fine, so this is
+    no backend failure (no circuit breaker, no health change); only requests that use that
+    counter fail, answered as gRPC FAILED_PRECONDITION (docs/backends.md, Error classes)."""
+
+
 class RequestError(RateLimitSvcError):
     """The request itself is invalid (answered as gRPC INVALID_ARGUMENT)."""
 

@@ -1,6 +1,7 @@
 """ShouldRateLimit in protobuf terms: request → limiter → response, and the one place where errors
 become gRPC statuses (docs/operations.md (Errors)): request errors INVALID_ARGUMENT, backend
-failures and "no configuration loaded" UNAVAILABLE, anything unexpected INTERNAL.
+failures and "no configuration loaded" UNAVAILABLE, a counter the backend refuses (``CounterError``)
+FAILED_PRECONDITION (docs/backends.md (Error classes)), anything unexpected INTERNAL.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
 from ratelimit_svc.config.rules import RateLimitConfig, Unit
-from ratelimit_svc.errors import BackendError, NoConfigError, RequestError
+from ratelimit_svc.errors import BackendError, CounterError, NoConfigError, RequestError
 from ratelimit_svc.limiter.limiter import Decision, Limiter, Request, RequestDescriptor
 from ratelimit_svc.limiter.matching import Override
 from ratelimit_svc.limiter.windows import Code
@@ -36,6 +37,8 @@ _perf_counter = time.perf_counter
 
 STAT_SERVICE_ERROR = "ratelimit.service.call.should_rate_limit.service_error"
 STAT_BACKEND_ERROR = "ratelimit.service.call.should_rate_limit.redis_error"
+# Ours: requests failed by a counter the backend refuses (docs/backends.md, Error classes).
+STAT_COUNTER_ERROR = "ratelimit.service.call.should_rate_limit.redis_key_error"
 STAT_TOTAL_REQUESTS = "ratelimit_server.ShouldRateLimit.total_requests"
 STAT_RESPONSE_TIME = "ratelimit_server.ShouldRateLimit.response_time"
 
@@ -198,6 +201,9 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         except BackendError:
             self.stats.add(STAT_BACKEND_ERROR)
             raise
+        except CounterError:
+            self.stats.add(STAT_COUNTER_ERROR)
+            raise
         except TimeoutError:
             self.stats.add(STAT_BACKEND_ERROR)
             raise BackendError("deadline exceeded while waiting for the backend") from None
@@ -223,6 +229,8 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (BackendError, NoConfigError) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except CounterError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:

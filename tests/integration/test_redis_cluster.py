@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -35,26 +35,6 @@ async def make_store() -> AsyncIterator[Callable[..., ClusterStore]]:
     for store in stores:
         await store.close()
 
-
-@pytest.fixture
-def socket_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
-    """Every chunk of bytes any asyncio stream writes while the test runs, one item per call."""
-    writes: list[bytes] = []
-    original_write = asyncio.StreamWriter.write
-    original_writelines = asyncio.StreamWriter.writelines
-
-    def write(self: asyncio.StreamWriter, data: Any) -> None:
-        writes.append(bytes(data))
-        original_write(self, data)
-
-    def writelines(self: asyncio.StreamWriter, data: Any) -> None:
-        chunks = [bytes(chunk) for chunk in data]
-        writes.append(b"".join(chunks))
-        original_writelines(self, chunks)
-
-    monkeypatch.setattr(asyncio.StreamWriter, "write", write)
-    monkeypatch.setattr(asyncio.StreamWriter, "writelines", writelines)
-    yield writes
 
 
 def keys_on_every_node(cluster: RedisCluster, prefix: str, per_node: int = 4) -> dict[int, list[str]]:
@@ -241,4 +221,4 @@ def test_invalid_seed_lists(url: str) -> None:
 
 def test_repr_names_the_seeds_and_never_the_credentials() -> None:
     store = ClusterStore(RedisSettings(type="cluster", url="10.0.0.1:7000,10.0.0.2:7000", auth="u:hunter2"), op_timeout=1)
-    assert repr(store) == "ClusterStore(cluster 10.0.0.1:7000,10.0.0.2:7000, pool_size=10 per node)"
+    assert repr(store) == "ClusterStore(cluster 10.0.0.1:7000,10.0.0.2:7000)"

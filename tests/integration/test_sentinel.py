@@ -151,4 +151,4 @@ def test_repr_names_master_and_sentinels_and_never_the_credentials() -> None:
         op_timeout=1.0,
     )
     text = repr(store)
-    assert text == "SentinelStore(sentinel mymaster@10.0.0.1:26379,10.0.0.2:26379, pool_size=10)"
+    assert text == "SentinelStore(sentinel mymaster@10.0.0.1:26379,10.0.0.2:26379)"

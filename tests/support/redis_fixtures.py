@@ -357,8 +357,17 @@ def redis_server_factory() -> Iterator[Any]:
 
 @pytest.fixture
 def socket_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
-    """Every chunk of bytes any asyncio stream writes while the test runs, one item per call."""
+    """Every chunk of bytes any asyncio stream or Redis client connection writes while the test
+    runs, one item per socket write."""
+    from ratelimit_svc.backends.redis.protocol import Connection
+
     writes: list[bytes] = []
+    original_connection_write = Connection._write
+
+    def connection_write(self: Connection, data: bytes) -> None:
+        writes.append(bytes(data))
+        original_connection_write(self, data)
+
     original_write = asyncio.StreamWriter.write
     original_writelines = asyncio.StreamWriter.writelines
 
@@ -373,4 +382,5 @@ def socket_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
 
     monkeypatch.setattr(asyncio.StreamWriter, "write", write)
     monkeypatch.setattr(asyncio.StreamWriter, "writelines", writelines)
+    monkeypatch.setattr(Connection, "_write", connection_write)
     yield writes

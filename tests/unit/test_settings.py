@@ -38,6 +38,7 @@ REDIS_DEFAULTS: dict[str, object] = {
     "tls_skip_hostname_verification": False,
     "pipeline_window": 0.0,
     "pipeline_limit": 0,
+    "db": 0,  # ours: the database to SELECT (docs/backends.md, Connecting)
 }
 
 # The reference's defaults (envoyproxy/ratelimit src/settings/settings.go), plus ours (docs/configuration.md (Settings)).
@@ -595,6 +596,7 @@ REDIS_VALUES: list[tuple[str, str, object]] = [
     ("TLS_SKIP_HOSTNAME_VERIFICATION", "1", True),
     ("PIPELINE_WINDOW", "150us", 150e-6),
     ("PIPELINE_LIMIT", "8", 8),
+    ("DB", "3", 3),
 ]
 
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from ratelimit_svc.errors import BackendError
+from ratelimit_svc.errors import BackendError, CounterError
 from ratelimit_svc.limiter.algorithms import Step, StepResult
 from ratelimit_svc.limiter.store import CounterStore, Increment, StatsScope
 
@@ -88,7 +88,6 @@ class CircuitBreakerStore:
             "overloaded_total": self.overloaded_total,
         }
 
-
     # -- the CounterStore contract ---------------------------------------------------------------
 
     async def increment(self, increments: Sequence[Increment]) -> list[int]:
@@ -127,6 +126,10 @@ class CircuitBreakerStore:
             result = await operation()
         except BackendError as exc:
             self._on_failure(str(exc), probe=probe)
+            raise
+        except CounterError:
+            # The backend answered; it only refused one key (docs/backends.md, Error classes).
+            self._on_success()
             raise
         except BaseException as exc:
             # Cancelled (or a bug): no answer. Unless this was the probe it proves nothing, but

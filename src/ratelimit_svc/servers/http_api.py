@@ -12,7 +12,7 @@ from http import HTTPStatus
 from aiohttp import web
 from google.protobuf import json_format
 
-from ratelimit_svc.errors import BackendError, NoConfigError, RequestError
+from ratelimit_svc.errors import BackendError, CounterError, NoConfigError, RequestError
 from ratelimit_svc.limiter.windows import Code
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2
 from ratelimit_svc.servers.health import Health
@@ -77,6 +77,9 @@ def build_http_app(service: RateLimitService, health: Health) -> web.Application
         except (BackendError, NoConfigError) as exc:
             log.debug("/json: %s", exc)
             return status_text(HTTPStatus.SERVICE_UNAVAILABLE)
+        except CounterError as exc:  # gRPC's FAILED_PRECONDITION: a server-side key, not retriable
+            log.debug("/json: %s", exc)
+            return status_text(HTTPStatus.INTERNAL_SERVER_ERROR)
         over = decision.overall is Code.OVER_LIMIT
         status = HTTPStatus.TOO_MANY_REQUESTS if over else HTTPStatus.OK
         return web.Response(

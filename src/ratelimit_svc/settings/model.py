@@ -70,8 +70,16 @@ class RedisSettings(_Group):
         choice("single", "sentinel", "cluster"),
         Doc("`single`, `sentinel` (URL `mastername,host:port,...`) or `cluster` (seed list)"),
     ] = "single"
-    url: Annotated[Text, Doc("socket path, or `host:port` with `tcp`")] = REDIS_URL
-    pool_size: Annotated[Count, Doc("connections per server")] = 10
+    url: Annotated[
+        Text,
+        Doc(
+            "socket path, `host:port` with `tcp`, or `redis://[user:password@]host[:port][/db]`"
+            " (`rediss://`: TLS)"
+        ),
+    ] = REDIS_URL
+    pool_size: Annotated[
+        Count, Doc("accepted; one pipelined connection per server carries every call")
+    ] = 10
     auth: Annotated[Secret, Doc("`password` or `user:password` (never logged)")] = field(
         default="", repr=False
     )
@@ -87,14 +95,67 @@ class RedisSettings(_Group):
         Duration, Doc("coalesce the commands of concurrent requests for this long (0 = off)")
     ] = 0.0
     pipeline_limit: Annotated[Count, Doc("at most this many requests per pipeline (0 = any)")] = 0
+    db: Annotated[Count, Doc("database to SELECT (or the `/db` of a `redis://` URL)")] = 0
 
 
 def parse_redis(env: Mapping[str, str], prefix: str, default_url: str) -> RedisSettings:
     """Read one Redis connection from ``prefix`` + SOCKET_TYPE, TYPE, URL, POOL_SIZE, AUTH, ...
 
-    The same function reads REDIS_* and REDIS_PERSECOND_*; only the default URL differs.
+    The same function reads REDIS_* and REDIS_PERSECOND_*; only the default URL differs. A URL
+    ``redis://[user:password@]host[:port][/db]`` (``rediss://``: TLS) is taken apart here, so
+    that the credentials live only in ``auth`` (docs/backends.md, Connecting).
     """
-    return RedisSettings(**{"url": default_url, **_read(RedisSettings, env, prefix)})
+    values = {"url": default_url, **_read(RedisSettings, env, prefix)}
+    if str(values["url"]).startswith(("redis://", "rediss://")):
+        values.update(_redis_url(str(values["url"]), prefix, values))
+    return RedisSettings(**values)
+
+
+def _redis_url(url: str, prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a ``redis://`` or ``rediss://`` URL stands for; errors never show the
+    password."""
+    from urllib.parse import unquote, urlsplit
+
+    variable = f"{prefix}URL"
+    scheme, _, rest = url.partition("://")
+    userinfo, at, hostinfo = rest.rpartition("@")
+    shown = f"{scheme}://{'<redacted>@' if at else ''}{hostinfo}"
+
+    def invalid(reason: str) -> SettingsError:
+        return SettingsError(f"invalid value for {variable}: {shown!r} ({reason})")
+
+    if values.get("type", "single") != "single":
+        raise invalid(f"a redis:// URL is for {prefix}TYPE=single")
+    try:
+        parts = urlsplit(f"{scheme}://{hostinfo}")
+        host, port = parts.hostname, parts.port or 6379
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    if not host:
+        raise invalid("expected redis://[user:password@]host[:port][/db]")
+    if parts.query or parts.fragment:
+        raise invalid("query parameters are not supported")
+    database = parts.path.removeprefix("/")
+    if database and not database.isdigit():
+        raise invalid(f"the database must be a number, not {database!r}")
+    settings: dict[str, Any] = {
+        "url": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "socket_type": "tcp",
+        "tls": bool(values.get("tls")) or scheme == "rediss",
+    }
+    if database:
+        if values.get("db") and values["db"] != int(database):
+            raise invalid(f"database {database} in {variable}, {values['db']} in {prefix}DB")
+        settings["db"] = int(database)
+    if at:
+        if values.get("auth"):
+            raise invalid(f"credentials in both {variable} and {prefix}AUTH")
+        user, colon, password = userinfo.partition(":")
+        if not colon:
+            raise invalid("a user name without a password")
+        user, password = unquote(user), unquote(password)
+        settings["auth"] = f"{user}:{password}" if user else password
+    return settings
 
 
 @dataclass(frozen=True, slots=True, repr=False)

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from ratelimit_svc.settings.model import RedisSettings, Settings
 
 log = logging.getLogger(__name__)
+
+
 def create_redis_store(cfg: RedisSettings, *, op_timeout: float) -> CommandStore:
     """The store for ``cfg.type`` (single, sentinel or cluster); no I/O yet."""
     if cfg.type == "single":

@@ -1,29 +1,27 @@
 """Counters in a Redis Cluster (REDIS_TYPE=cluster): the slot map, one pipeline per node over
-``ServerPool``, ``MOVED``/``ASK`` redirects and a slot-map refresh after a node fails, every call
-bounded by REDIS_OP_TIMEOUT (docs/backends.md (Redis Cluster)).
+``client.ServerClient``, ``MOVED``/``ASK`` redirects and a slot-map refresh after a node fails,
+every call bounded by REDIS_OP_TIMEOUT; nothing is resent after a connection error
+(docs/backends.md (Redis Cluster)).
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import logging
 import random
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.crc import key_slot
-from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError
-
+from ratelimit_svc.backends.redis.client import ServerClient
 from ratelimit_svc.backends.redis.connection import (
-    Command,
     CommandStore,
-    PoolStats,
     Redactor,
-    ServerPool,
-    connection_options,
+    endpoint,
     split_host_port,
 )
+from ratelimit_svc.backends.redis.protocol import RESET_ON, Command, PoolStats, ReplyError
 from ratelimit_svc.errors import BackendError
 from ratelimit_svc.limiter.algorithms import Step
 
@@ -37,6 +35,26 @@ MAX_REDIRECTS = 16  # redirect rounds per call (as redis-py), all within the one
 REDIRECT_PAUSE = 0.02  # seconds between rounds from the third on
 REFRESH_MIN_INTERVAL = 0.1  # seconds between two CLUSTER SLOTS refreshes, at most one at a time
 REFRESH_FANOUT = 3  # nodes asked for CLUSTER SLOTS at once (the first answer wins)
+
+
+def key_slot(key: bytes) -> int:
+    """The cluster slot of ``key``: CRC16 (XMODEM) of the key, or of its ``{hash tag}`` when
+    the braces hold at least one byte, modulo 16384."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return binascii.crc_hqx(key, 0) % SLOTS
+
+
+def redirect(reply: Any) -> tuple[str, int, str] | None:
+    """(``MOVED`` or ``ASK``, slot, target node) for a redirect reply, else None."""
+    if type(reply) is not ReplyError or reply.prefix not in ("MOVED", "ASK"):
+        return None
+    prefix, slot, target = str(reply).split()
+    host, port = split_host_port(target, "node address")
+    return prefix, int(slot), node_name(host, port)
 
 
 def node_name(host: str, port: int) -> str:
@@ -73,11 +91,8 @@ class ClusterStore(CommandStore):
         self.address = ",".join(self._seeds)
         self._redactor = Redactor(cfg.auth)
         self._stats = PoolStats()
-        self._connection_class, self._kwargs = connection_options(
-            cfg, op_timeout=op_timeout, pool_stats=self._stats, tcp=True
-        )
-        self._pool_size = cfg.pool_size
-        self._nodes: dict[str, ServerPool] = {}
+        self._cfg = cfg
+        self._nodes: dict[str, ServerClient] = {}
         self._slots: list[str | None] = [None] * SLOTS
         self._covered = 0
         self._stale = True
@@ -87,10 +102,7 @@ class ClusterStore(CommandStore):
         self._next_refresh_at = 0.0
         self._retiring: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._description = (
-            f"cluster{'+tls' if cfg.tls else ''} {self.address}, "
-            f"pool_size={max(cfg.pool_size, 1)} per node"
-        )
+        self._description = f"cluster{'+tls' if cfg.tls else ''} {self.address}"
 
     def __repr__(self) -> str:
         return f"ClusterStore({self._description})"
@@ -114,7 +126,8 @@ class ClusterStore(CommandStore):
     async def get(self, keys: Sequence[str]) -> list[int]:
         # MGET would fail across slots; GETs are grouped per node like any other command.
         replies = await self._run([("GET", key) for key in keys])
-        return [0 if reply is None else self._as_int(reply) for reply in replies]
+        return [0 if reply is None else self._as_int(reply, key)
+                for reply, key in zip(replies, keys, strict=True)]  # fmt: skip
 
     async def ping(self) -> None:
         """The slot map covers every slot and at least one primary answers PING.
@@ -168,17 +181,18 @@ class ClusterStore(CommandStore):
         for round_ in range(MAX_REDIRECTS):
             redirects: dict[tuple[str, bool], list[int]] = {}
             for index, reply in enumerate(replies):
-                if isinstance(reply, MovedError):  # (a subclass of AskError: test it first)
-                    target = node_name(reply.host, reply.port)
-                    self._slots[reply.slot_id] = target
+                if type(reply) is not ReplyError:
+                    continue
+                moved = redirect(reply)
+                if moved is None:
+                    if reply.prefix == "CLUSTERDOWN":
+                        self._stale = True
+                    continue
+                kind, slot, target = moved
+                if kind == "MOVED":
+                    self._slots[slot] = target
                     self._stale = True  # a resharding moves more than one slot: re-read them
-                    redirects.setdefault((target, False), []).append(index)
-                elif isinstance(reply, AskError):
-                    redirects.setdefault((node_name(reply.host, reply.port), True), []).append(
-                        index
-                    )
-                elif isinstance(reply, ClusterDownError):
-                    self._stale = True
+                redirects.setdefault((target, kind == "ASK"), []).append(index)
             if not redirects:
                 return replies
             if round_ >= 2:
@@ -251,33 +265,27 @@ class ClusterStore(CommandStore):
 
     async def _exchange(self, name: str, commands: Sequence[Command], deadline: float) -> list[Any]:
         try:
-            async with asyncio.timeout_at(deadline):
-                return await self._node(name).exchange(commands)
-        except TimeoutError:
-            self._node_failed(name)
-            raise BackendError(
-                f"redis: no answer from {name} within {self._op_timeout:g}s"
-            ) from None
+            return await self._node(name).exchange(commands, deadline)
         except BackendError:
             self._node_failed(name)
             raise
 
-    def _node(self, name: str) -> ServerPool:
-        pool = self._nodes.get(name)
-        if pool is None:
+    def _node(self, name: str) -> ServerClient:
+        client = self._nodes.get(name)
+        if client is None:
             if self._closed:
                 raise BackendError("redis: the store is closed")
             host, port = split_host_port(name)
-            kwargs = {**self._kwargs, "host": host, "port": port}
-            pool = ServerPool.create(
-                name,
-                self._connection_class,
-                kwargs,
-                pool_size=self._pool_size,
+            client = ServerClient(
+                endpoint(self._cfg, host=host, port=port),
+                op_timeout=self._op_timeout,
                 redact=self._redactor,
+                stats=self._stats,
+                # MOVED is a redirect here, followed above; the connection stays.
+                reset_on=RESET_ON - {"MOVED"},
             )
-            self._nodes[name] = pool
-        return pool
+            self._nodes[name] = client
+        return client
 
     def _node_failed(self, name: str) -> None:
         self._failed.add(name)
@@ -303,8 +311,10 @@ class ClusterStore(CommandStore):
                 ) from None
         if self._covered == 0:
             error = self._refresh_error
-            raise error if error is not None else BackendError(
-                f"redis: cluster {self.address}: no slot map yet"
+            raise (
+                error
+                if error is not None
+                else BackendError(f"redis: cluster {self.address}: no slot map yet")
             )
 
     async def _refresh_slots(self) -> None:
@@ -373,7 +383,7 @@ class ClusterStore(CommandStore):
 
     async def _slots_from(self, name: str) -> list[str | None]:
         (reply,) = await self._node(name).exchange([("CLUSTER", "SLOTS")])
-        if isinstance(reply, ResponseError):
+        if isinstance(reply, ReplyError):
             raise BackendError(f"redis: {name} answered CLUSTER SLOTS with {reply}")
         try:
             return parse_cluster_slots(reply, split_host_port(name)[0])

@@ -1,6 +1,6 @@
 """Counters in the Redis master that Sentinel names (REDIS_TYPE=sentinel): ``RedisStore``'s
-exchange, with connections sent to the current master and dropped on ``+switch-master``
-(docs/backends.md (Redis Sentinel)).
+exchange over a ``client.ServerClient`` that asks the sentinels for the master's address at every
+connect and is reset on ``+switch-master`` (docs/backends.md (Redis Sentinel)).
 """
 
 from __future__ import annotations
@@ -9,32 +9,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from redis.asyncio.connection import BlockingConnectionPool
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import (
-    MasterNotFoundError,
-    Sentinel,
-    SentinelConnectionPool,
-    SentinelManagedConnection,
-    SentinelManagedSSLConnection,
-)
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
+from ratelimit_svc.backends.redis.client import Endpoint, ServerClient
 from ratelimit_svc.backends.redis.connection import (
-    Command,
     CommandStore,
-    CountedConnection,
-    PoolStats,
     Redactor,
-    ServerPool,
-    connection_options,
-    split_auth,
+    endpoint,
     split_host_port,
-    tls_options,
 )
+from ratelimit_svc.backends.redis.protocol import Command, PoolStats, ReplyError
 from ratelimit_svc.errors import BackendError
 
 if TYPE_CHECKING:
@@ -44,46 +28,6 @@ log = logging.getLogger(__name__)
 
 SWITCH_MASTER = "+switch-master"
 WATCH_RETRY_SECONDS = 1.0
-
-
-class _SentinelConnection(CountedConnection, SentinelManagedConnection):
-    pass
-
-
-class _SentinelTlsConnection(CountedConnection, SentinelManagedSSLConnection):
-    pass
-
-
-class _Sentinel(Sentinel):
-    """redis-py's Sentinel with failures that name each sentinel and its error briefly (its own
-    message embeds the whole client's repr)."""
-
-    async def discover_master(self, service_name: str) -> tuple[str, int]:
-        errors: list[str] = []
-        for index, sentinel in enumerate(self.sentinels):
-            kwargs = sentinel.connection_pool.connection_kwargs
-            where = f"{kwargs.get('host')}:{kwargs.get('port')}"
-            try:
-                masters = await cast(Any, sentinel).sentinel_masters()
-            except (RedisError, OSError) as exc:
-                errors.append(f"{where}: {type(exc).__name__}: {exc}")
-                continue
-            state = masters.get(service_name)
-            if state and self.check_master_state(state, service_name):
-                # The sentinel that answered goes first next time.
-                self.sentinels[0], self.sentinels[index] = sentinel, self.sentinels[0]
-                return str(state["ip"]), int(state["port"])
-            errors.append(f"{where}: knows no healthy master {service_name!r}")
-        raise MasterNotFoundError(
-            f"no master found for {service_name!r} ({'; '.join(errors) or 'no sentinels'})"
-        )
-
-
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):  # type: ignore[type-arg]
-    """Sentinel's master-following pool, waiting for a free connection like RedisStore's.
-
-    (Called through ``Any``: the types-redis stubs predate redis-py 8's signatures.)
-    """
 
 
 def parse_sentinel_url(url: str) -> tuple[str, list[tuple[str, int]]]:
@@ -108,40 +52,29 @@ class SentinelStore(CommandStore):
             pipeline_limit=cfg.pipeline_limit,
         )
         self.master_name, sentinels = parse_sentinel_url(cfg.url)
+        self._cfg = cfg
         self._redactor = Redactor(cfg.auth, cfg.sentinel_auth)
-        self._stats = PoolStats()
-        _, kwargs = connection_options(
-            cfg, op_timeout=op_timeout, pool_stats=self._stats, tcp=True
-        )
-        sentinel_user, sentinel_password = split_auth(cfg.sentinel_auth)
-        sentinel_kwargs: dict[str, Any] = {
-            "username": sentinel_user,
-            "password": sentinel_password,
-            "socket_timeout": op_timeout,
-            "socket_connect_timeout": op_timeout,
-            "retry": Retry(NoBackoff(), 0),
-            "protocol": 2,
-        }
-        if cfg.tls:
-            sentinel_kwargs.update(ssl=True, **tls_options(cfg))
-        self._sentinel = _Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)
-        pool = cast(Any, _BlockingSentinelPool)(
-            self.master_name,
-            self._sentinel,
-            connection_class=_SentinelTlsConnection if cfg.tls else _SentinelConnection,
-            max_connections=max(cfg.pool_size, 1),
-            timeout=None,
-            **kwargs,
-        )
+        self._sentinels = [
+            ServerClient(
+                endpoint(cfg, host=host, port=port, auth=cfg.sentinel_auth),
+                op_timeout=op_timeout,
+                redact=self._redactor,
+            )
+            for host, port in sentinels
+        ]
         self.address = f"{self.master_name}@{','.join(f'{h}:{p}' for h, p in sentinels)}"
-        self._pool = pool
-        self._server = ServerPool(self.address, pool, redact=self._redactor)
+        self._stats = PoolStats()
+        self._server = ServerClient(
+            self._discover,
+            op_timeout=op_timeout,
+            redact=self._redactor,
+            stats=self._stats,
+            address=self.address,
+        )
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
         self.switches_seen = 0
-        self._description = (
-            f"sentinel{'+tls' if cfg.tls else ''} {self.address}, pool_size={max(cfg.pool_size, 1)}"
-        )
+        self._description = f"sentinel{'+tls' if cfg.tls else ''} {self.address}"
 
     def __repr__(self) -> str:
         return f"SentinelStore({self._description})"
@@ -156,45 +89,72 @@ class SentinelStore(CommandStore):
 
     async def close(self) -> None:
         self._closed = True
-        try:
-            if self._watcher is not None:
-                self._watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._watcher
-            await super().close()
-            await self._server.close()
-        finally:
-            await cast(Any, self._sentinel).aclose()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await super().close()
+        await self._server.close()
+        await asyncio.gather(*(sentinel.close() for sentinel in self._sentinels))
+
+    def pool_stats(self) -> dict[str, int]:
+        return self._stats.as_dict()
+
+    async def _discover(self) -> Endpoint:
+        """The current master's address from the first sentinel that knows it."""
+        errors: list[str] = []
+        for index, sentinel in enumerate(self._sentinels):
+            try:
+                (reply,) = await sentinel.exchange(
+                    [("SENTINEL", "get-master-addr-by-name", self.master_name)]
+                )
+            except BackendError as exc:
+                errors.append(f"{sentinel.address}: {str(exc).removeprefix('redis: ')}")
+                continue
+            if isinstance(reply, ReplyError):
+                errors.append(f"{sentinel.address}: {self._redactor(str(reply))}")
+                continue
+            if not isinstance(reply, list) or len(reply) != 2:
+                errors.append(f"{sentinel.address}: knows no master {self.master_name!r}")
+                continue
+            # The sentinel that answered goes first next time.
+            self._sentinels[0], self._sentinels[index] = sentinel, self._sentinels[0]
+            host = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+            return endpoint(self._cfg, host=host, port=int(reply[1]))
+        raise BackendError(
+            f"redis: no master found for {self.master_name!r} "
+            f"({'; '.join(errors) or 'no sentinels'})"
+        )
 
     async def _watch_switches(self) -> None:
         """Follow ``+switch-master`` on the first sentinel that takes the subscription."""
         while True:
-            for sentinel in list(self._sentinel.sentinels):
-                pubsub: Any = sentinel.pubsub()
+            for sentinel in list(self._sentinels):
+                watcher = ServerClient(
+                    sentinel.endpoint,
+                    op_timeout=self._op_timeout,
+                    redact=self._redactor,
+                    on_push=self._on_push,
+                )
                 try:
-                    await pubsub.subscribe(SWITCH_MASTER)
-                    while True:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=1.0
-                        )
-                        if message is not None and message.get("type") == "message":
-                            await self._on_switch(message["data"])
-                except (RedisError, OSError) as exc:
+                    await watcher.exchange([("SUBSCRIBE", SWITCH_MASTER)])
+                    connection = watcher.connection
+                    if connection is not None:
+                        await connection.lost
+                except BackendError as exc:
                     log.debug("redis sentinel: %s subscription lost: %s", SWITCH_MASTER, exc)
                 finally:
-                    with contextlib.suppress(RedisError, OSError):
-                        await pubsub.aclose()
+                    await watcher.close()
             await asyncio.sleep(WATCH_RETRY_SECONDS)
 
-    async def _on_switch(self, data: bytes | str) -> None:
-        # "<master name> <old ip> <old port> <new ip> <new port>"
-        fields = (data.decode() if isinstance(data, bytes) else data).split()
+    def _on_push(self, message: Any) -> None:
+        # [b"message", b"+switch-master", b"<master name> <old ip> <old port> <new ip> <new port>"]
+        if not isinstance(message, list) or len(message) != 3 or message[0] != b"message":
+            return
+        fields = message[2].decode(errors="replace").split()
         if not fields or fields[0] != self.master_name:
             return
         self.switches_seen += 1
         log.info("redis sentinel: master %s moved to %s", self.master_name, " ".join(fields[3:5]))
         # Calls in flight on the old master fail (their writes would be lost anyway).
-        await cast(Any, self._pool).disconnect(inuse_connections=True)
-
-    def pool_stats(self) -> dict[str, int]:
-        return self._stats.as_dict()
+        self._server.reset(f"master {self.master_name} moved: reconnecting")

@@ -1,20 +1,18 @@
-"""The store for REDIS_TYPE=single: one server, reached through a ``ServerPool``."""
+"""The store for REDIS_TYPE=single: one server, reached through one ``client.ServerClient``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ratelimit_svc.backends.redis.client import ServerClient
 from ratelimit_svc.backends.redis.connection import (
-    Command,
     CommandStore,
-    PoolStats,
     Redactor,
-    ServerPool,
-    UnixConnection,
-    connection_options,
+    endpoint,
     split_host_port,
 )
+from ratelimit_svc.backends.redis.protocol import Command
 from ratelimit_svc.errors import BackendError
 
 if TYPE_CHECKING:
@@ -22,7 +20,8 @@ if TYPE_CHECKING:
 
 
 class RedisStore(CommandStore):
-    """Counters in one Redis (REDIS_TYPE=single). Sockets open lazily; see ``open_redis_store``."""
+    """Counters in one Redis (REDIS_TYPE=single). The socket opens lazily; see
+    ``open_redis_store``."""
 
     def __init__(self, cfg: RedisSettings, *, op_timeout: float) -> None:
         if cfg.type != "single":
@@ -32,23 +31,18 @@ class RedisStore(CommandStore):
             pipeline_window=cfg.pipeline_window,
             pipeline_limit=cfg.pipeline_limit,
         )
-        self._stats = PoolStats()
         self._redactor = Redactor(cfg.auth)
-        connection_class, kwargs = connection_options(
-            cfg, op_timeout=op_timeout, pool_stats=self._stats
-        )
-        if connection_class is UnixConnection:
-            kwargs["path"] = cfg.url
+        if cfg.socket_type == "unix":
+            target = endpoint(cfg, path=cfg.url)
         else:
             host, port = split_host_port(cfg.url)
-            kwargs.update(host=host, port=port)
+            target = endpoint(cfg, host=host, port=port)
         self.address = cfg.url
-        self._server = ServerPool.create(
-            cfg.url, connection_class, kwargs, pool_size=cfg.pool_size, redact=self._redactor
+        self._server = ServerClient(
+            target, op_timeout=op_timeout, redact=self._redactor, address=cfg.url
         )
-        self._description = (
-            f"{cfg.socket_type}{'+tls' if cfg.tls else ''} {self.address}, "
-            f"pool_size={max(cfg.pool_size, 1)}"
+        self._description = f"{cfg.socket_type}{'+tls' if cfg.tls else ''} {self.address}" + (
+            f"/{cfg.db}" if cfg.db else ""
         )
 
     def __repr__(self) -> str:
@@ -66,10 +60,4 @@ class RedisStore(CommandStore):
 
     def pool_stats(self) -> dict[str, int]:
         """Open connections, connections ever opened, and those closed from this side."""
-        return self._stats.as_dict()
-
-
-
-
-
-
+        return self._server.stats.as_dict()
