@@ -204,13 +204,17 @@ def reference_match(
     for index, (key, value) in enumerate(entries):
         wanted = f"{key}_{value}"
         child = next((n for n in level if n.composite == wanted), None)
+        shared = None
         if child is None:
-            child = next((n for n in level if "*" in n.value and glob(n.composite, wanted)), None)
+            child = next((n for n in level if "*" in n.composite and glob(n.composite, wanted)), None)
+            if child is not None and child.share_threshold:
+                # the reference: request key + "_" + the pattern less a leading "<request key>_"
+                shared = child.composite.removeprefix(f"{key}_")
         if child is None:
             child = next((n for n in level if n.composite == key), None)
         if child is None:
             return None
-        body += f"{key}_{child.value if child.share_threshold else value}_"
+        body += f"{key}_{value if shared is None else shared}_"
         if index == len(entries) - 1:
             return None if child.limit is None else (child.limit, body)
         if not child.children:

@@ -122,7 +122,8 @@ class Builder:
                     f"duplicate descriptor composite key '{stats_key}'", d.node, d.path
                 )
             rule = self.build_rule(d, stats_key)
-            if d.share_threshold and "*" not in d.value:
+            # ``*`` anywhere in the composite (key or value) makes a wildcard, as in the reference.
+            if d.share_threshold and "*" not in composite:
                 raise self.error(
                     "share_threshold can only be used with wildcard values (containing '*'), "
                     f"but found key '{composite}'",
@@ -139,7 +140,7 @@ class Builder:
             )
             self.add_descriptors(node, stats_key + ".", d.children)
             parent.children[composite] = node
-            if "*" in d.value:
+            if "*" in composite:
                 parent.wildcards.append((wildcard_pattern(composite), node))
 
     def build_rule(self, d: ParsedDescriptor, stats_key: str) -> Rule | None:

@@ -270,14 +270,23 @@ class Limiter:
             matches.append(found)
         if replaced:
             names = {name for m in matches if m is not None for name in m.rule.replaces}
+            # An unlimited rule is never replaced, as in the reference (docs/compatibility.md).
             matches = [
-                None if m is not None and m.rule.name and m.rule.name in names else m
+                None
+                if m is not None and m.rule.name and not m.rule.unlimited and m.rule.name in names
+                else m
                 for m in matches
             ]
         return matches
 
     async def _count(self, counted: list[_Counted], now: int) -> None:
-        """Fill ``after`` (and ``cached``) for every counted descriptor."""
+        """Fill ``after`` (and ``cached``) for every counted descriptor.
+
+        With STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT, as in the reference (docs/compatibility.md):
+        when any key is over via the local cache, or when some keys would go over and others not,
+        the keys not incremented still get an increment of 0, so ``after`` is their current count
+        and their (zero-valued) keys exist in the store exactly as the reference writes them.
+        """
         cache = self.local_cache
         pending = counted
         if cache is not None:
@@ -286,22 +295,29 @@ class Limiter:
             pending = [item for item in counted if not item.cached]
             if not pending:
                 return
+        hits = [item.hits for item in pending]
         if self.options.stop_cache_key_increment_when_overlimit:
-            current = await self.store.get([item.key for item in pending])
-            for item, value in zip(pending, current, strict=True):
-                item.after = value + item.hits
             if len(pending) < len(counted):
-                return  # some key is over via the local cache: increment nothing
-            over = [i for i in pending if i.after > i.rule.requests_per_unit]
-            pending = over or pending
+                hits = [0] * len(pending)  # some key is over via the local cache
+            else:
+                current = await self.store.get([item.key for item in pending])
+                would_pass = [
+                    value + item.hits > item.rule.requests_per_unit
+                    for item, value in zip(pending, current, strict=True)
+                ]
+                if any(would_pass):
+                    hits = [n if over else 0 for n, over in zip(hits, would_pass, strict=True)]
         jitter_max = self.options.expiration_jitter_max_seconds
         if jitter_max > 0:
             jitter = self.jitter
             increments = [
-                Increment(i.key, i.hits, i.window, i.window + jitter(jitter_max)) for i in pending
+                Increment(i.key, n, i.window, i.window + jitter(jitter_max))
+                for i, n in zip(pending, hits, strict=True)
             ]
         else:
-            increments = [Increment(i.key, i.hits, i.window, i.window) for i in pending]
+            increments = [
+                Increment(i.key, n, i.window, i.window) for i, n in zip(pending, hits, strict=True)
+            ]
         values = await self.store.increment(increments)
         for item, value in zip(pending, values, strict=True):
             item.after = value
@@ -396,18 +412,23 @@ class Limiter:
         counted: Sequence[_Counted | Stepped],
         matches: list[Match | None],
     ) -> Code:
-        quota_statuses = []
-        for item in counted:
-            status = statuses[item.index]
-            if item.quota:
-                quota_statuses.append(status)
-            elif status.code is Code.OVER_LIMIT:
-                return Code.OVER_LIMIT
-        if not quota_statuses:
-            return Code.OK
-        if self.options.quota_mode and len(counted) < len(statuses):
-            return Code.OK  # descriptors without a counted rule pass as quota rules
-        if all(s.code is Code.OVER_LIMIT for s in quota_statuses):
+        """OVER_LIMIT iff a non-quota rule is over, or every quota descriptor is. Unlimited
+        descriptors take no part; under QUOTA_MODE a descriptor without a rule is a passing quota
+        descriptor (docs/compatibility.md)."""
+        quota = {item.index: item.quota for item in counted}
+        global_quota = self.options.quota_mode
+        quota_total = quota_over = 0
+        for index, status in enumerate(statuses):
+            if status is _UNLIMITED:
+                continue
+            is_quota = quota.get(index, global_quota)
+            if status.code is Code.OVER_LIMIT:
+                if not is_quota:
+                    return Code.OVER_LIMIT
+                quota_over += 1
+            if is_quota:
+                quota_total += 1
+        if quota_total and quota_over == quota_total:
             return Code.OVER_LIMIT
         return Code.OK
 

@@ -39,6 +39,15 @@ def _key_body(domain: str, entries: Sequence[Entry]) -> str:
     return domain + "_" + "".join(f"{k}_{v}_" for k, v in entries)
 
 
+def _pattern_value(pattern: str, key: str) -> str:
+    """The value part of a wildcard composite for a request key: the composite without a leading
+    ``<key>_``, or all of it when it does not start so (a ``*`` in the config's key, or a key that
+    splits at another ``_``). The reference builds share_threshold counter keys this way, so the
+    same traffic writes the same Redis keys (docs/compatibility.md)."""
+    prefix = key + "_"
+    return pattern[len(prefix) :] if pattern.startswith(prefix) else pattern
+
+
 def match(
     config: RateLimitConfig,
     domain: str,
@@ -75,19 +84,24 @@ def match(
                     return None
 
         runtime_part = composite if value else key
-        if child.share_threshold:
-            counter_parts.append(f"{key}_{child.value}")
-            metric_parts.append(child.composite)
+        if exact:
+            counter_parts.append(composite)
+            metric_parts.append(runtime_part)
+        elif child.share_threshold:
+            shared = f"{key}_{_pattern_value(child.composite, key)}"
+            counter_parts.append(shared)
+            metric_parts.append(shared)
         else:
             counter_parts.append(composite)
-            if exact:
+            if child.value_to_metric:
                 metric_parts.append(runtime_part)
-            elif child.value_to_metric:
-                metric_parts.append(runtime_part)
-                value_to_metric_used = True
+            elif "*" in child.composite:
+                metric_parts.append(f"{key}_{_pattern_value(child.composite, key)}")
             else:
                 metric_parts.append(child.composite)
 
+        if metric_parts[-1] != child.composite:
+            value_to_metric_used = True  # the stats key differs from the rule's config path
         if index == last:
             found = child
         elif child.has_children:

@@ -139,21 +139,14 @@ def string_map(raw: str) -> Mapping[str, str]:
 
 
 def node_metadata(raw: str) -> Mapping[str, str]:
-    """CONFIG_GRPC_XDS_NODE_METADATA: ``k1=v1,k2=v2`` as the reference writes it, or ``k1:v1``.
-
-    Each pair splits on whichever of ``=`` and ``:`` comes first, so values may contain the other.
-    """
+    """CONFIG_GRPC_XDS_NODE_METADATA, read as the reference reads it (docs/compatibility.md):
+    entries split on ``,``, each on its first ``=``, nothing trimmed; an entry without ``=`` is
+    skipped. So ``a:b=c`` is ``{"a:b": "c"}`` and ``novalue,k=v`` is ``{"k": "v"}``."""
     pairs: dict[str, str] = {}
-    for number_, pair in enumerate(raw.split(","), start=1):
-        if not pair.strip():
-            continue
-        cut = min((i for i in (pair.find("="), pair.find(":")) if i >= 0), default=-1)
-        if cut < 0:
-            raise ValueError(f"expected k1=v1,k2=v2; pair {number_} has no '=' or ':'")
-        key, value = pair[:cut].strip(), pair[cut + 1 :].strip()
-        if not key:
-            raise ValueError(f"expected k1=v1,k2=v2; pair {number_} has an empty key")
-        pairs[key] = value
+    for pair in raw.split(","):
+        key, equals, value = pair.partition("=")
+        if equals:
+            pairs[key] = value
     return MappingProxyType(pairs)
 
 
