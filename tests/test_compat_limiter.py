@@ -9,17 +9,18 @@ import pytest
 from conftest import FakeClock
 
 from ratelimit_svc.backends.memory import MemoryStore
-from ratelimit_svc.config import ConfigFile, RateLimitConfig, load_config
-from ratelimit_svc.limiter import (
+from ratelimit_svc.config.loader import ConfigFile, load_config
+from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.limiter.limiter import (
     MAX_UINT32,
-    Code,
     Decision,
     Limiter,
     LimiterOptions,
     Request,
     RequestDescriptor,
 )
-from ratelimit_svc.stats import MemoryStats
+from ratelimit_svc.limiter.windows import Code
+from ratelimit_svc.stats.registry import MemoryStats
 
 RULES = """
 domain: d

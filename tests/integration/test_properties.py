@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from ratelimit_svc.app import App
 from ratelimit_svc.config.loader import VALID_KEYS, ConfigFile, load_config
+from ratelimit_svc.config import goyaml
 from ratelimit_svc.errors import ConfigError
 from ratelimit_svc.limiter.matching import match
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
@@ -65,7 +66,7 @@ yaml_values = st.recursive(
 
 
 def dumped(value: Any) -> str:
-    return yaml.safe_dump(value, allow_unicode=True)
+    return yaml.dump(value, Dumper=goyaml.Dumper, allow_unicode=True)
 
 
 @st.composite

@@ -206,7 +206,7 @@ async def test_node_and_additional_headers_reach_the_server(
     settings = xds_settings(
         ads.port,
         CONFIG_GRPC_XDS_NODE_ID="rls-7",
-        CONFIG_GRPC_XDS_NODE_METADATA="zone:eu-west-1,team:edge",
+        CONFIG_GRPC_XDS_NODE_METADATA="zone=eu-west-1,team=edge",
         CONFIG_GRPC_XDS_CLIENT_ADDITIONAL_HEADERS="Authorization:Bearer tok3n,x-tenant:blue",
     )
     await start_client(settings)

@@ -4,12 +4,11 @@ A load takes every config document at once and either returns a complete ``RateL
 raises ``ConfigError`` with the reference's message text, prefixed by the config name and followed
 by where in the file the problem is. YAML is walked as a node tree (not plain Python objects) so
 that scalars keep their source text (``value: 0123`` stays ``"0123"`` as in Go) and every error can
-name its line. The result is frozen: a reload builds a new one and swaps a single reference.
+name its line; scalars are typed by go-yaml v2's rules and merge keys expanded (``goyaml``). The result is frozen: a reload builds a new one and swaps a single reference.
 """
 
 from __future__ import annotations
 
-import datetime
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ratelimit_svc.config import goyaml
 from ratelimit_svc.config.build import Builder, ParsedDescriptor, ParsedLimit
 from ratelimit_svc.config.rules import Node, RateLimitConfig
 from ratelimit_svc.errors import ConfigError
@@ -28,11 +28,14 @@ VALID_KEYS = frozenset(
     + "algorithm burst unit_multiplier charge_only_when_admitted".split()
 )
 
-_STR = "tag:yaml.org,2002:str"
-_INT = "tag:yaml.org,2002:int"
-_BOOL = "tag:yaml.org,2002:bool"
-_NULL = "tag:yaml.org,2002:null"
-_LEAF_TAGS = frozenset({_STR, _INT, _BOOL, _NULL})
+_STR = goyaml.STR
+_INT = goyaml.INT
+_BOOL = goyaml.BOOL
+_NULL = goyaml.NULL
+# What the reference's key check lets through as a leaf: Go's string, int (int64 range), bool and
+# nil; a timestamp is a string to it. A float or an integer above int64 is "error checking config".
+_LEAF_TAGS = frozenset({_STR, _INT, _BOOL, _NULL, goyaml.TIMESTAMP, goyaml.BINARY})
+_INT64_MAX = 2**63 - 1
 _UINT32_MAX = 2**32 - 1
 # Refused before any recursive walk: deeper nesting (or a recursive alias) would exhaust the stack,
 # and an alias bomb ("billion laughs") the CPU. go-yaml, which the reference uses, also refuses
@@ -76,7 +79,7 @@ def load_config(
 def _documents(config_file: ConfigFile) -> list[yaml.Node | None]:
     try:
         documents: list[yaml.Node | None] = list(
-            yaml.compose_all(config_file.text, Loader=yaml.SafeLoader)
+            yaml.compose_all(config_file.text, Loader=goyaml.Loader)
         )
     except yaml.YAMLError as exc:
         raise ConfigError(
@@ -92,6 +95,12 @@ def _documents(config_file: ConfigFile) -> list[yaml.Node | None]:
         ) from None
     for document in documents:
         _check_shape(config_file.name, document)
+        try:
+            goyaml.expand_merges(document)
+        except goyaml.MergeError as exc:
+            raise ConfigError(
+                f"{config_file.name}: error loading config file: {exc}{_where(exc.node, '')}"
+            ) from None
     present = [d for d in documents if not _is_null(d)]
     # An empty file is one empty document (and so fails "cannot have empty domain"), as in Go.
     return present or [None]
@@ -136,8 +145,6 @@ def _json_like(value: Any, path: str) -> Any:
         return value
     if isinstance(value, int | float) and math.isfinite(value) and abs(value) < 2**1000:
         return value
-    if isinstance(value, datetime.date):  # also datetime
-        return value.isoformat()
     kind = "number" if isinstance(value, int | float) else type(value).__name__
     raise ValueError(f"{path}: a {kind} value ({value!r:.40}) cannot be dynamic metadata")
 
@@ -148,6 +155,12 @@ def _is_token_bucket(mapping: yaml.MappingNode) -> bool:
         and isinstance(v, yaml.ScalarNode) and v.value == "token_bucket"
         for k, v in mapping.value
     )
+
+
+def _fits_go_int(node: yaml.Node) -> bool:
+    """An integer go-yaml decodes as Go's ``int`` (not ``uint64``), as the key check demands."""
+    number = goyaml.go_int(node.value) if isinstance(node, yaml.ScalarNode) else None
+    return number is not None and number <= _INT64_MAX
 
 
 def _is_null(node: yaml.Node | None) -> bool:
@@ -235,7 +248,16 @@ class _Loader:
                     self.check_keys(element, f"{child_path}[{index}]")
             elif isinstance(value_node, yaml.MappingNode):
                 self.check_keys(value_node, child_path)
-            elif value_node.tag not in _LEAF_TAGS:
+            elif value_node.tag == _INT and goyaml.go_int(value_node.value) is None:
+                raise self.error(  # an explicit `!!int 0x`
+                    f"error loading config file: cannot decode !!str `{value_node.value}` as a "
+                    "!!int",
+                    value_node,
+                    child_path,
+                )
+            elif value_node.tag not in _LEAF_TAGS or (
+                value_node.tag == _INT and not _fits_go_int(value_node)
+            ):
                 raise self.error("error checking config", value_node, child_path)
 
     # -- step 3: types ---------------------------------------------------------------------------
@@ -256,27 +278,25 @@ class _Loader:
             return ""
         if not isinstance(node, yaml.ScalarNode):
             raise self.type_error(node, path, "string")
-        return str(node.value)
+        try:
+            return goyaml.go_text(node)
+        except ValueError as exc:
+            raise self.error(f"error loading config file: {exc}", node, path) from None
 
     def boolean(self, node: yaml.Node | None, path: str) -> bool:
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
             return False
-        if not (isinstance(node, yaml.ScalarNode) and node.tag == _BOOL):
+        value = goyaml.go_bool(node.value) if isinstance(node, yaml.ScalarNode) else None
+        if node.tag != _BOOL or value is None:  # `!!bool maybe` too
             raise self.type_error(node, path, "bool")
-        try:
-            return bool(yaml.SafeLoader("").construct_yaml_bool(node))
-        except KeyError:  # an explicit !!bool tag on something else: `!!bool maybe`
-            raise self.type_error(node, path, "bool") from None
+        return value
 
     def uint32(self, node: yaml.Node | None, path: str) -> int:
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
             return 0
         if isinstance(node, yaml.ScalarNode) and node.tag == _INT:
-            try:
-                number = int(yaml.SafeLoader("").construct_yaml_int(node))
-            except ValueError:  # an explicit !!int tag on something else: `!!int 0x`
-                raise self.type_error(node, path, "uint32") from None
-            if 0 <= number <= _UINT32_MAX:
+            number = goyaml.go_int(node.value)  # None: `!!int 0x`
+            if number is not None and 0 <= number <= _UINT32_MAX:
                 return number
         raise self.type_error(node, path, "uint32")
 
@@ -300,12 +320,8 @@ class _Loader:
         if not isinstance(node, yaml.MappingNode):
             raise self.type_error(node, path, "map")
         try:
-            value = yaml.SafeLoader("").construct_object(node, deep=True)
-        except yaml.YAMLError as exc:
-            raise self.error(
-                f"error loading config file: {_one_line(str(exc))}", node, path
-            ) from None
-        except (ValueError, KeyError, OverflowError) as exc:  # `2001-02-30`, `!!float x`
+            value = goyaml.go_value(node)
+        except ValueError as exc:  # `!!float x`
             raise self.error(
                 f"error loading config file: cannot construct a value: {exc}", node, path
             ) from None
