@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ratelimit_svc.config import RateLimitConfig
-from ratelimit_svc.matching import Match, Override, match
-from ratelimit_svc.rules import Unit
+from ratelimit_svc.config.rules import RateLimitConfig, Unit
+from ratelimit_svc.limiter.matching import Match, Override, match
 
 COMPATIBILITY_PAGE = Path(__file__).resolve().parents[2] / "docs" / "compatibility.md"
 _ROW = re.compile(r"^\|\s*`([a-z0-9-]+)`\s*\|\s*(deliberate|reference-version)\s*\|")

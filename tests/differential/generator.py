@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ratelimit_svc import goyaml
+from ratelimit_svc.config import goyaml
 
 UNITS = ["second", "minute", "hour", "day"]
 OVERRIDE_UNITS = [1, 2, 3, 4, 5, 6, 7]  # SECOND .. WEEK (protobuf numbers)

@@ -23,7 +23,8 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from ratelimit_svc.config import ConfigFile, RateLimitConfig, load_config
+from ratelimit_svc.config.loader import ConfigFile, load_config
+from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.errors import ConfigError
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
