@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from redis_fixtures import RedisServer, find_redis_server, free_port
+from support.redis_fixtures import RedisServer, find_redis_server, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_MODULE = "github.com/envoyproxy/ratelimit/src/service_cmd"

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_fixtures import RedisServer, free_port
-from xds_server import AdsServer
+from support.redis_fixtures import RedisServer, free_port
+from support.xds_server import AdsServer
 
 from .harness import our_config, run_sequence
 from .processes import ROOT, common_env, service_pair
@@ -144,6 +144,14 @@ def test_fixed_case_answers_alike(
         assert set(report.explained) == case.expect_explained, report.summary()
 
 
+def spawn(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as sink:
+        return subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink, cwd=ROOT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
 async def test_xds_node_metadata_reaches_the_control_plane_alike(
     reference_binary: str, redises: tuple[RedisServer, RedisServer], tmp_path: Path
 ) -> None:
@@ -165,11 +173,7 @@ async def test_xds_node_metadata_reaches_the_control_plane_alike(
                 "GRPC_PORT": str(free_port()), "PORT": str(free_port()), "DEBUG_PORT": str(free_port()),
             }  # fmt: skip
             command = [reference_binary] if name == "reference" else [sys.executable, "-m", "ratelimit_svc"]
-            with (tmp_path / f"{name}.log").open("wb") as log:
-                processes.append(subprocess.Popen(
-                    command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT,
-                    start_new_session=True,
-                ))  # fmt: skip
+            processes.append(await asyncio.to_thread(spawn, command, env, tmp_path / f"{name}.log"))
         seen = [await server.wait_request(lambda s: True) for server in servers]
         nodes = [dict(s.request.node.metadata) for s in seen]
         assert nodes[0] == nodes[1] == {"a:b": "c", "k": "v=w", " spaced ": " yes "}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from redis_fixtures import RedisServer
+from support.redis_fixtures import RedisServer
 
 from .generator import Generator
 from .harness import Report, describe, run_profile

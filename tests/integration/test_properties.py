@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ratelimit_svc.app import App
-from ratelimit_svc.config.loader import VALID_KEYS, ConfigFile, load_config
 from ratelimit_svc.config import goyaml
+from ratelimit_svc.config.loader import VALID_KEYS, ConfigFile, load_config
 from ratelimit_svc.errors import ConfigError
 from ratelimit_svc.limiter.matching import match
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2

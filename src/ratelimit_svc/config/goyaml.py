@@ -108,7 +108,7 @@ def go_int(text: str) -> int | None:
 def go_bool(text: str) -> bool | None:
     """The boolean a scalar is to go-yaml (``y``, ``on``, ``False``, ...), or None."""
     tag, value = _WORDS.get(text, (STR, None))
-    return value if tag == BOOL else None  # type: ignore[no-any-return]
+    return bool(value) if tag == BOOL else None
 
 
 def _is_timestamp(text: str) -> bool:
@@ -146,7 +146,7 @@ def resolve_plain(text: str) -> str:
     first = text[0]
     if first == ".":
         return FLOAT if _DOT_FLOAT.fullmatch(text) and _go_float(text) else STR
-    if first.isdigit() and first.isascii() or first in "+-":
+    if (first.isdigit() and first.isascii()) or first in "+-":
         if _is_timestamp(text):
             return TIMESTAMP
         if go_int(text) is not None:
@@ -249,17 +249,19 @@ def go_text(node: yaml.ScalarNode) -> str:
         raise ValueError("!!binary value contains invalid base64 data (or is not UTF-8)") from None
 
 
+def _key_text(key: yaml.Node) -> str:
+    return go_text(key) if isinstance(key, yaml.ScalarNode) else str(go_value(key))
+
+
 def go_value(node: yaml.Node) -> Any:
     """The value go-yaml v2 decodes a node into ``interface{}`` as (merges already expanded):
     timestamps stay text, integers follow Go's forms, keys become text (as they do in a Struct).
     Raises ValueError for a scalar with an explicit tag it cannot read."""
     if isinstance(node, yaml.MappingNode):
-        return {
-            go_text(key) if isinstance(key, yaml.ScalarNode) else str(go_value(key)): go_value(value)
-            for key, value in node.value
-        }
+        return {_key_text(key): go_value(value) for key, value in node.value}
     if isinstance(node, yaml.SequenceNode):
         return [go_value(item) for item in node.value]
+    assert isinstance(node, yaml.ScalarNode)
     text = str(node.value)
     tag = node.tag
     if tag in (STR, TIMESTAMP, MERGE, BINARY):

@@ -4,7 +4,9 @@ A load takes every config document at once and either returns a complete ``RateL
 raises ``ConfigError`` with the reference's message text, prefixed by the config name and followed
 by where in the file the problem is. YAML is walked as a node tree (not plain Python objects) so
 that scalars keep their source text (``value: 0123`` stays ``"0123"`` as in Go) and every error can
-name its line; scalars are typed by go-yaml v2's rules and merge keys expanded (``goyaml``). The result is frozen: a reload builds a new one and swaps a single reference.
+name its line; scalars are typed by go-yaml v2's rules and merge keys expanded (``goyaml``,
+docs/compatibility.md). The result is frozen: a reload builds a new one and swaps a single
+reference.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ counter keys and ``*`` in a descriptor key."""
 from __future__ import annotations
 
 import pytest
-from conftest import FakeClock
+from support.clock import FakeClock
 
 from ratelimit_svc.backends.memory import MemoryStore
 from ratelimit_svc.config.loader import ConfigFile, load_config
