@@ -13,7 +13,11 @@ export RUNTIME_APPDIRECTORY ?= .
 export USE_STATSD ?= false
 export LOG_LEVEL ?= INFO
 
-.PHONY: setup run test test-unit unit lint proto clean
+.PHONY: setup run test test-unit unit lint proto clean reference differential
+
+# Go, for the reference the differential tier runs (tests/differential, docs/compatibility.md);
+# CI machines have it at /usr/local/go/bin. Without Go that tier is skipped with a note.
+export PATH := $(PATH):/usr/local/go/bin
 
 setup: $(STAMP)
 
@@ -29,7 +33,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/ratelimit
 
-test: lint unit
+test: lint reference unit
 
 unit: $(STAMP)
 	$(BIN)/pytest -n auto -q
@@ -47,6 +51,17 @@ lint: $(STAMP)
 .PHONY: docs
 docs: $(STAMP)
 	$(BIN)/python -m ratelimit_svc.settings.table docs/configuration.md
+
+# The pinned reference (envoyproxy/ratelimit's service_cmd), installed with `go install` unless the
+# pinned version is already in Go's bin directory; prints why not where it cannot be had.
+reference: $(STAMP)
+	@cd tests && ../$(BIN)/python -m differential.processes
+
+# A long seeded differential run: DIFF_SEED, DIFF_CONFIGS, DIFF_REQUESTS (per config),
+# DIFF_CONFIGS_PER_PROFILE; prints the tally (identical / explained per allow-list ID / unexplained).
+differential: reference
+	DIFF_CONFIGS=$${DIFF_CONFIGS:-100} DIFF_REQUESTS=$${DIFF_REQUESTS:-150} \
+		$(BIN)/pytest -q -s -p no:cacheprovider tests/differential
 
 proto: $(STAMP)
 	$(BIN)/python scripts/genproto.py

@@ -221,3 +221,9 @@ def service_pair(
     finally:
         for service in services:
             service.stop()
+
+
+if __name__ == "__main__":  # `make reference`
+    found, reason = find_reference()
+    print(f"reference: {found}" if found else f"reference unavailable ({reason}): "
+          "tests/differential will be skipped")
