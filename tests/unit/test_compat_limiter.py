@@ -37,6 +37,10 @@ descriptors:
     value: fo*
     share_threshold: true
     rate_limit: {unit: hour, requests_per_unit: 5}
+"""
+STAR_KEY_RULES = """
+domain: d
+descriptors:
   - key: x*
     share_threshold: true
     rate_limit: {unit: hour, requests_per_unit: 2}
@@ -117,7 +121,8 @@ async def test_share_threshold_key_when_the_request_key_is_shorter(config, clock
     assert counters(store) == {f"d_remote_address_fo*_{HOUR_START}": 2}
 
 
-async def test_star_in_a_descriptor_key_is_a_wildcard(config, clock) -> None:  # type: ignore[no-untyped-def]
+async def test_star_in_a_descriptor_key_is_a_wildcard(clock) -> None:  # type: ignore[no-untyped-def]
+    config = load_config([ConfigFile("star.yaml", STAR_KEY_RULES)])
     store = MemoryStore(clock)
     rl = limiter(clock, store)
     decision = await rl.should_rate_limit(config, request((("xyz", "v"), None)))
