@@ -61,7 +61,7 @@ reference: $(STAMP)
 # DIFF_CONFIGS_PER_PROFILE; prints the tally (identical / explained per allow-list ID / unexplained).
 differential: reference
 	DIFF_CONFIGS=$${DIFF_CONFIGS:-100} DIFF_REQUESTS=$${DIFF_REQUESTS:-150} \
-		$(BIN)/pytest -q -s -p no:cacheprovider tests/differential
+		$(BIN)/pytest -q -s -p no:cacheprovider --timeout=0 tests/differential
 
 proto: $(STAMP)
 	$(BIN)/python scripts/genproto.py

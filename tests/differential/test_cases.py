@@ -17,7 +17,7 @@ import pytest
 from support.redis_fixtures import RedisServer, free_port
 from support.xds_server import AdsServer
 
-from .harness import our_config, run_sequence
+from .harness import ask, our_config, run_sequence
 from .processes import ROOT, common_env, service_pair
 
 
@@ -184,3 +184,41 @@ async def test_xds_node_metadata_reaches_the_control_plane_alike(
             await asyncio.to_thread(process.wait)
         for server in servers:
             await server.stop()
+
+
+# Rows of kind `reference-version`: the pinned reference lacks what we follow from upstream. These
+# check that the documented difference is real (so the row goes once the pin moves past it).
+VERSION_DIFFERENCES = {
+    "rule-metadata": (
+        "descriptors:\n  - key: k\n    metadata: {team: a}\n"
+        "    rate_limit: {unit: hour, requests_per_unit: 1}\n",
+        entries("k=1"),
+        ("error", "OK"),  # the reference refuses the key, so it has no config at all
+    ),
+    "wildcard-middle": (
+        "descriptors:\n  - key: k\n    value: a*b\n    rate_limit: {unit: hour, requests_per_unit: 0}\n",
+        entries("k=axxb"),
+        ("OK", "OVER_LIMIT"),  # the reference takes the inner `*` literally: no rule matches
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(VERSION_DIFFERENCES))
+def test_reference_version_difference_is_as_documented(
+    name: str,
+    reference_binary: str,
+    redises: tuple[RedisServer, RedisServer],
+    allowed: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    assert allowed.get(name) == "reference-version"
+    rules, descriptor, expected = VERSION_DIFFERENCES[name]
+    files = {"v.yaml": f"domain: v\n{rules}"}
+    request = {"domain": "v", "descriptors": [descriptor]}
+    with service_pair(reference_binary, redises, files, {}, tmp_path) as pair:
+        outcomes = [ask(service, request, "grpc") for service in (pair.reference, pair.ours)]
+    got = tuple(
+        "error" if outcome.kind == "error" else outcome.body["response"]["overallCode"]
+        for outcome in outcomes
+    )
+    assert got == expected, outcomes
