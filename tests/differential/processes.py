@@ -141,9 +141,8 @@ def common_env(runtime_root: Path, redis_url: str) -> dict[str, str]:
     }
 
 
-def start_service(
-    name: str, command: list[str], env: dict[str, str], log: Path
-) -> Service:
+def spawn_service(name: str, command: list[str], env: dict[str, str], log: Path) -> Service:
+    """Start the process; ``Service.wait_ready`` waits for it to answer."""
     grpc_port, http_port, debug_port = free_port(), free_port(), free_port()
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "RUNTIME_"))},
@@ -157,13 +156,7 @@ def start_service(
             command, env=full_env, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink,
             cwd=ROOT, start_new_session=True,
         )  # fmt: skip
-    service = Service(name, process, grpc_port, http_port, log)
-    try:
-        service.wait_ready()
-    except BaseException:
-        service.stop()
-        raise
-    return service
+    return Service(name, process, grpc_port, http_port, log)
 
 
 @dataclass
@@ -216,7 +209,9 @@ def service_pair(
                 if name == "reference"
                 else [sys.executable, "-m", "ratelimit_svc"]
             )
-            services.append(start_service(name, command, env, workdir / f"{name}.log"))
+            services.append(spawn_service(name, command, env, workdir / f"{name}.log"))
+        for service in services:  # both start at once: the waits overlap
+            service.wait_ready()
         yield Pair(services[0], services[1], redises[0], redises[1])
     finally:
         for service in services:
