@@ -72,7 +72,7 @@ def ask(service: Service, request: dict[str, Any], transport: str) -> Outcome:
         stub = rls_pb2_grpc.RateLimitServiceStub(service.channel)
         message = json_format.ParseDict(request, rls_pb2.RateLimitRequest())
         try:
-            response = stub.ShouldRateLimit(message, timeout=10)
+            response = stub.ShouldRateLimit(message, timeout=30)
         except grpc.RpcError as exc:
             return Outcome("error", detail=f"{exc.code().name}: {exc.details()}")
         return Outcome("answer", {"response": json_format.MessageToDict(response)})
@@ -81,7 +81,7 @@ def ask(service: Service, request: dict[str, Any], transport: str) -> Outcome:
         f"http://127.0.0.1:{service.http_port}/json", data=data, method="POST"
     )
     try:
-        with urllib.request.urlopen(http, timeout=10) as reply:
+        with urllib.request.urlopen(http, timeout=30) as reply:
             status, body = reply.status, reply.read()
     except urllib.error.HTTPError as exc:
         status, body = exc.code, exc.read()
