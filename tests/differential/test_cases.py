@@ -148,13 +148,16 @@ def test_fixed_cases_answer_alike(
             case = CASES[name][1]
             requests = [{"domain": case.domain, "descriptors": list(d)} for d in case.requests]
             for transport in ("grpc", "json"):
-                for redis_server in redises:
-                    redis_server.flushall()
-                report = run_sequence(
-                    pair, settings, ours, case.domain, requests, [transport] * len(requests),
-                    list(allowed), f"{name}/{transport}",
-                )  # fmt: skip
-                assert report.skipped == 0, "clock alignment lost; run again"
+                for _attempt in range(3):  # again if a stalled machine broke clock alignment
+                    for redis_server in redises:
+                        redis_server.flushall()
+                    report = run_sequence(
+                        pair, settings, ours, case.domain, requests, [transport] * len(requests),
+                        list(allowed), f"{name}/{transport}",
+                    )  # fmt: skip
+                    if report.skipped == 0:
+                        break
+                assert report.skipped == 0, "clock alignment lost three times"
                 if report.unexplained:
                     failures.extend(report.unexplained)
                 elif set(report.explained) != case.expect_explained:
