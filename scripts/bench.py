@@ -2,9 +2,9 @@
 
 One Redis; then, one at a time, each *target* serving each *scenario* it can, driven by h2load
 from another process with real gRPC frames (a 5-byte prefix and a serialized RateLimitRequest).
-Targets: the reference (envoyproxy/ratelimit built from source with ``go install`` at
-``REFERENCE_VERSION``; its rows are skipped with a note where Go is absent), ratelimit-svc on each
-gRPC transport (``GRPC_SERVER=pyvoy`` and ``grpcio``), and the floors (a server that answers a
+Targets: the reference (envoyproxy/ratelimit built from source with ``go install`` at the version
+the differential tier pins, tests/differential/processes.py; its rows are skipped with a note where
+Go is absent), ratelimit-svc on each gRPC transport (``GRPC_SERVER=pyvoy`` and ``grpcio``), and the floors (a server that answers a
 constant response: what the stack costs before any rate limiting). Scenarios: Redis and the memory
 backend, 1 and 5 descriptors, ``-c 4 -m 16`` and ``-c 1 -m 1``; then every target at half of the
 reference's peak rate, for latency.
@@ -45,11 +45,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+sys.path.insert(0, str(ROOT / "tests"))
+
+from differential.processes import REFERENCE_VERSION, find_reference  # noqa: E402
+
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2  # noqa: E402
 
 METHOD = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
-REFERENCE_MODULE = "github.com/envoyproxy/ratelimit/src/service_cmd"
-REFERENCE_VERSION = "v1.4.1-0.20260122083618-3fb702589d36"
 START_TIMEOUT = 60.0
 WARM_UP_SECONDS = 1.0  # of load before each measurement, not measured
 LOADS = {"c4m16": (4, 16), "c1m1": (1, 1)}
@@ -247,34 +249,6 @@ def rss_mib(pids: list[int]) -> float:
     return total / 1024
 
 
-def reference_binary(work: Path) -> tuple[str | None, str]:
-    """The reference's service binary, built with ``go install`` when missing: (path, note)."""
-    explicit = os.environ.get("BENCH_REFERENCE_BIN")
-    if explicit:
-        return explicit, f"BENCH_REFERENCE_BIN={explicit}"
-    cache = ROOT / ".cache" / "bin"
-    built = cache / "service_cmd"
-    marker = cache / "service_cmd.version"
-    if built.exists() and marker.exists() and marker.read_text().strip() == REFERENCE_VERSION:
-        return str(built), f"{REFERENCE_MODULE}@{REFERENCE_VERSION}"
-    go = shutil.which("go")
-    if go is None and os.access("/usr/local/go/bin/go", os.X_OK):
-        go = "/usr/local/go/bin/go"
-    if go is None:
-        return None, "skipped: Go is not installed, so the reference cannot be built"
-    cache.mkdir(parents=True, exist_ok=True)
-    print(f"building the reference: go install {REFERENCE_MODULE}@{REFERENCE_VERSION}", flush=True)
-    env = {**os.environ, "GOBIN": str(cache), "CGO_ENABLED": "0"}
-    done = subprocess.run(
-        [go, "install", f"{REFERENCE_MODULE}@{REFERENCE_VERSION}"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    if done.returncode != 0:
-        return None, f"skipped: go install failed: {done.stderr.strip()[-300:]}"
-    marker.write_text(REFERENCE_VERSION + "\n")
-    return str(built), f"{REFERENCE_MODULE}@{REFERENCE_VERSION}"
-
-
 # -- the bench ------------------------------------------------------------------------------------
 
 
@@ -306,7 +280,10 @@ class Bench:
             path = self.work / f"d{count}.bin"
             path.write_bytes(b"\0" + struct.pack(">I", len(body)) + body)  # one gRPC frame
             self.data[count] = path
-        self.reference, self.reference_note = reference_binary(self.work)
+        self.reference, why_not = find_reference()  # the differential tier's pinned build
+        self.reference_note = f"envoyproxy/ratelimit {REFERENCE_VERSION}" if self.reference else (
+            f"skipped: {why_not}"
+        )
 
     def targets(self) -> list[Target]:
         listed = [t for t in TARGETS if not self.only or t.name in self.only]
