@@ -4,8 +4,9 @@ One Redis; then, one at a time, each *target* serving each *scenario* it can, dr
 from another process with real gRPC frames (a 5-byte prefix and a serialized RateLimitRequest).
 Targets: the reference (envoyproxy/ratelimit built from source with ``go install`` at the version
 the differential tier pins, tests/differential/processes.py; its rows are skipped with a note where
-Go is absent), ratelimit-svc on each gRPC transport (``GRPC_SERVER=pyvoy`` and ``grpcio``), and the floors (a server that answers a
-constant response: what the stack costs before any rate limiting). Scenarios: Redis and the memory
+Go is absent), ratelimit-svc on each gRPC transport (``GRPC_SERVER=pyvoy`` and ``grpcio``), and
+the floors (a server that answers a constant response: what the stack costs before any rate
+limiting). Scenarios: Redis and the memory
 backend, 1 and 5 descriptors, ``-c 4 -m 16`` and ``-c 1 -m 1``; then every target at half of the
 reference's peak rate, for latency.
 
