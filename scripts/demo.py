@@ -286,6 +286,10 @@ def up() -> int:
             print()
             print(identities(port))
             print(
+                "\nThe operator's console (rules, live traffic, hot keys, backend, dry run): "
+                f"http://127.0.0.1:{ports['DEMO_DEBUG_PORT']}/console (docs/console.md)"
+            )
+            print(
                 f"\nThe stack keeps running: try `curl -i -H 'Authorization: Bearer alice' "
                 f"http://127.0.0.1:{port}/api/items`\n(docs/demo.md has more). "
                 f"Ctrl-C or `make demo-down` stops it.",

@@ -14,19 +14,23 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ratelimit_svc import backends
+from ratelimit_svc.backends.latency import LatencyRecorder, TimedStore
 from ratelimit_svc.config.build import fixed_windows_only
 from ratelimit_svc.config.files import RuntimeLocation
 from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.config.source import ConfigSource, FileSource
+from ratelimit_svc.config.status import ConfigStatus
 from ratelimit_svc.config.xds import XdsConfigClient
 from ratelimit_svc.errors import ConfigError
+from ratelimit_svc.limiter.hotkeys import HotKeys
 from ratelimit_svc.limiter.limiter import Limiter, LimiterOptions
 from ratelimit_svc.limiter.store import CounterStore
+from ratelimit_svc.servers.console.model import Console
 from ratelimit_svc.servers.debug import start_debug_server
 from ratelimit_svc.servers.grpc_aio import GrpcServer, start_grpc_server
 from ratelimit_svc.servers.health import Health, monitor_backend
@@ -157,6 +161,14 @@ class App:
         self.grpc: GrpcServer | None = None
         self.http: Listener | None = None
         self.debug: Listener | None = None
+        # What the console shows (docs/console.md): load status, hot keys, backend latency, and
+        # the other processes' reports (the primary's hook fills it, workers/roles.py).
+        xds = isinstance(self.source, XdsConfigClient)
+        self.config_status = ConfigStatus(source="xds" if xds else "file", clock=clock)
+        self.hot_keys = HotKeys()
+        self.latency = LatencyRecorder()
+        self.peer_reports: Mapping[int, Mapping[str, Any]] = {}
+        self.console: Console | None = None
         self._operations = contextlib.AsyncExitStack()  # HTTP, debug, health, config source
         self._stop = asyncio.Event()
 
@@ -176,10 +188,16 @@ class App:
 
     def loaded(self, config: RateLimitConfig, detail: str = "") -> None:
         self.config = config
+        source = self.source
+        if isinstance(source, XdsConfigClient):
+            self.config_status.loaded(version=source.version, nonce=source.nonce)
+        else:
+            self.config_status.loaded()
         self.stats.add(STAT_LOAD_SUCCESS)
         log.info("Successfully loaded new configuration%s", detail)
 
     def failed(self, error: ConfigError) -> None:
+        self.config_status.failed(str(error))
         self.stats.add(STAT_LOAD_ERROR)
         log.error("Error loading new configuration: %s", error)
 
@@ -203,10 +221,11 @@ class App:
             self._operations.push_async_callback(self.source.close)
             await self.source.start(self)
             limiter = Limiter(
-                store=self._traced_store(self.store),
+                store=self._traced_store(TimedStore(self.store, self.latency)),
                 stats=self.stats,
                 options=limiter_options(settings),
                 clock=self.clock,
+                hot_keys=self.hot_keys,
             )
             limits = RequestLimits(
                 settings.max_descriptors_per_request,
@@ -250,7 +269,24 @@ class App:
             return
         self.http = await start_http_server(self.service, self.health, settings.host, settings.port)
         ops.push_async_callback(self.http.close)
-        self.debug = await start_debug_server(settings, lambda: self.config, self.stats.snapshot)
+        self.console = console = Console(
+            settings,
+            config=lambda: self.config,
+            status=self.config_status,
+            stats=self.stats,
+            limiter=self.service.limiter,
+            store=self.store,
+            health=self.health,
+            recorder=self.latency,
+            request_limits=self.service.limits,
+            workers=lambda: self.peer_reports,
+            clock=self.clock,
+        )
+        console.start()
+        ops.push_async_callback(console.close)
+        self.debug = await start_debug_server(
+            settings, lambda: self.config, self.stats.snapshot, console
+        )
         ops.push_async_callback(self.debug.close)
 
     # -- stats and tracing ---------------------------------------------------------------------

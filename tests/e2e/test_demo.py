@@ -5,10 +5,12 @@ running, `scripts/demo.py down` stops all of it. Ports and the working directory
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import demo
@@ -81,6 +83,17 @@ def test_demo_prints_allowed_and_limited_traffic_then_stops(tmp_path: Path) -> N
         assert "Bearer alice          -> client-872213e7 (plan free)" in started.stdout
         # Still running after the table, on the fixed port it was given.
         assert request(int(ports["DEMO_ENVOY_PORT"]), "/").status == 200
+        # The console's URL is printed, and it serves the demo's rules and backend.
+        console = f"http://127.0.0.1:{ports['DEMO_DEBUG_PORT']}/console"
+        assert console in started.stdout
+        with urllib.request.urlopen(console, timeout=10) as reply:
+            assert 'id="rules-tree"' in reply.read().decode()
+        with urllib.request.urlopen(f"{console}/api/rules", timeout=10) as reply:
+            domains = [d["domain"] for d in json.load(reply)["domains"]]
+        assert "mydomain" in domains
+        with urllib.request.urlopen(f"{console}/api/backend", timeout=10) as reply:
+            backend = json.load(reply)
+        assert backend["type"] == "redis" and backend["healthy"]
         children = [
             int(line.split()[0]) for line in (tmp_path / "children").read_text().splitlines()
         ]

@@ -251,6 +251,29 @@ async def test_both_workers_take_connections_and_count_exactly(workers: Workers)
     assert stats["ratelimit.redis_pool.cx_active"] >= 2  # at least one connection each
 
 
+async def test_console_shows_one_backend_line_per_process_and_their_hot_keys(workers: Workers) -> None:
+    """docs/console.md (Backend, Hot keys): each worker reports its line to the primary."""
+    await workers.ask(channels=16, requests=60)  # 50 an hour: the last 10 are over
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{workers.service.ports['debug']}") as http:
+        async with asyncio.timeout(10):
+            while True:  # workers report every second: no event to wait on in another process
+                async with http.get("/console/api/backend") as reply:
+                    processes = (await reply.json())["processes"]
+                calls = sum(p["operations"]["increment"]["calls"] for p in processes)
+                if len(processes) == 2 and calls == 60:
+                    break
+                await asyncio.sleep(0.1)
+        assert [p["role"] for p in processes] == ["primary", "worker 1"]
+        assert sorted(p["pid"] for p in processes) == sorted(workers.pids)
+        assert all(p["breaker"]["state"] == "closed" and p["pool"]["cx_active"] >= 1 for p in processes)
+        assert all(p["operations"]["increment"]["calls"] > 0 for p in processes)  # both served
+        async with http.get("/console/api/hot-keys") as reply:
+            keys = (await reply.json())["keys"]
+    assert [(k["descriptor"], k["count"], k["limit"], k["over"]) for k in keys] == [
+        ([{"key": "k", "value": "v"}], 60, 50, True)
+    ]
+
+
 async def test_config_edit_reaches_every_worker(workers: Workers) -> None:
     (workers.config_dir / "basic.yaml").write_text(RULES.replace("50", "3"))
     await workers.service.wait_for_line("Successfully loaded new configuration")

@@ -97,3 +97,24 @@ async def test_force_start_serves_before_any_config(ads: AdsServer) -> None:
                 await stub.ShouldRateLimit(REQUEST)
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     assert caught.value.details() == "no rate limit configuration loaded"
+
+
+async def test_console_shows_the_xds_version_nonce_and_a_rejected_snapshot(ads: AdsServer) -> None:
+    """docs/console.md (Rules): the source of an xDS config and the last rejected push."""
+    await ads.set_snapshot("v1", [rate_limit_config("edge", "edge", rule("path", "/api", per_unit=2))])
+    async with App(settings(ads.port)) as app:
+        assert app.console is not None
+        rules = app.console.rules()
+        assert rules["source"]["type"] == "xds" and rules["source"]["version"] == "v1"
+        assert rules["source"]["nonce"] and rules["loads"] == 1
+        bad = rate_limit_config("edge", "edge", rule("path", "/api", per_unit=2))
+        await ads.set_snapshot("v2", [bad, bad])  # the same domain twice: rejected
+        async with asyncio.timeout(WAIT_SECONDS):
+            while True:  # the push arrives on the client's own stream: no event of ours
+                if app.config_status.failures:
+                    break
+                await asyncio.sleep(0.05)
+        rules = app.console.rules()
+    assert rules["source"]["version"] == "v1" and rules["failures"] == 1
+    assert "edge" in rules["last_error"]["message"]
+    assert [d["domain"] for d in rules["domains"]] == ["edge"]

@@ -32,12 +32,10 @@ class RuntimeLocation:
         return Path(self.root) / self.subdirectory / self.appdirectory
 
 
-def read_config_files(directory: Path, *, ignore_dotfiles: bool = False) -> list[ConfigFile]:
-    """Every regular file below ``directory`` (following symlinks, each real directory once)."""
-    files: list[ConfigFile] = []
-    if not directory.is_dir():
-        log.warning("config directory %s does not exist: no rate limit rules", directory)
-        return files
+def config_paths(directory: Path, *, ignore_dotfiles: bool = False) -> list[tuple[str, Path]]:
+    """The name (path relative to ``directory``) and path of every regular file below it, in
+    load order (following symlinks, each real directory once)."""
+    found: list[tuple[str, Path]] = []
     seen_dirs: set[str] = set()
     for current, dirnames, filenames in os.walk(directory, followlinks=True):
         real = os.path.realpath(current)
@@ -50,17 +48,26 @@ def read_config_files(directory: Path, *, ignore_dotfiles: bool = False) -> list
             if ignore_dotfiles and filename.startswith("."):
                 continue
             path = Path(current) / filename
-            if not path.is_file():
-                continue
-            name = path.relative_to(directory).as_posix()
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{name}: error loading config file: {exc}") from None
-            files.append(ConfigFile(name, text))
+            if path.is_file():
+                found.append((path.relative_to(directory).as_posix(), path))
     # os.walk yields a directory's files before its subdirectories; order by path components
     # instead (``a/x.yaml`` before ``b.yaml``), as Go's filepath.Walk does.
-    files.sort(key=lambda f: f.name.split("/"))
+    found.sort(key=lambda item: item[0].split("/"))
+    return found
+
+
+def read_config_files(directory: Path, *, ignore_dotfiles: bool = False) -> list[ConfigFile]:
+    """Every regular file below ``directory`` (``config_paths``), read."""
+    files: list[ConfigFile] = []
+    if not directory.is_dir():
+        log.warning("config directory %s does not exist: no rate limit rules", directory)
+        return files
+    for name, path in config_paths(directory, ignore_dotfiles=ignore_dotfiles):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{name}: error loading config file: {exc}") from None
+        files.append(ConfigFile(name, text))
     return files
 
 

@@ -211,6 +211,7 @@ class XdsConfigClient:
         )
         self.config: RateLimitConfig | None = None  # the last accepted config
         self.version = ""  # its version_info
+        self.nonce = ""  # the nonce of the response that brought it
         self._node = _node(settings)
         # gRPC metadata keys are lower case; values of "-bin" keys travel as bytes.
         self._metadata = tuple(
@@ -318,7 +319,7 @@ class XdsConfigClient:
                 nonce=response.nonce,
                 error=status_pb2.Status(code=_INVALID_ARGUMENT, message=str(exc)),
             )
-        self.config, self.version = config, response.version_info
+        self.config, self.version, self.nonce = config, response.version_info, response.nonce
         if self._sink is not None:
             self._sink.loaded(config, f" (xDS version '{self.version}')")
         self._loaded.set()

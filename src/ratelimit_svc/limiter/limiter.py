@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from ratelimit_svc.config.rules import Algorithm, RateLimitConfig, Rule, Unit
 from ratelimit_svc.errors import NoConfigError, RequestError
 from ratelimit_svc.limiter.algorithms import US
+from ratelimit_svc.limiter.hotkeys import HotKeys
 from ratelimit_svc.limiter.localcache import LocalCache
 from ratelimit_svc.limiter.matching import Entry, Match, Override, match
 from ratelimit_svc.limiter.stepped import Stepped, judge, limit_key, make_step
@@ -143,6 +144,8 @@ class Limiter:
     clock: Callable[[], float] = time.time
     jitter: Callable[[int], int] = field(default=lambda n: random.randrange(n))
     local_cache: LocalCache | None = None
+    # Told of every fixed-window counter past its near-limit threshold (the console's hot keys).
+    hot_keys: HotKeys | None = None
     # limit -> near-limit threshold for options.near_limit_ratio (a float32 product: worth keeping)
     _near: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
@@ -207,20 +210,27 @@ class Limiter:
 
         add_rule = self.stats.add_rule
         cache = self.local_cache
+        hot = self.hot_keys
         for item in counted:
             rule = item.rule
             limit = rule.requests_per_unit
+            near = self._near_threshold(limit)
             code, remaining, counts = decide(
                 limit,
                 item.hits,
                 item.after,
-                self._near_threshold(limit),
+                near,
                 shadow=rule.shadow_mode,
                 cached=item.cached,
             )
             add_rule(item.stats_key, counts)
             if cache is not None and not item.cached and item.after > limit:
                 cache.add(item.key, now + item.reset)  # shadow-mode rules are cached too
+            if hot is not None and item.after > near:
+                hot.record(
+                    item.key, domain, descriptors[item.index].entries, item.stats_key,
+                    item.after, limit, now + item.reset, now,
+                )  # fmt: skip
             statuses[item.index] = Status(code, rule, remaining, item.reset)
 
         deciders: list[_Counted | Stepped] = list(counted)
@@ -239,6 +249,67 @@ class Limiter:
             self._dynamic_metadata(request, statuses, matches) if options.dynamic_metadata else None
         )
         return Decision(overall, tuple(statuses), headers, metadata)
+
+    async def dry_run(
+        self, config: RateLimitConfig | None, request: Request
+    ) -> tuple[Decision, list[Match | None], list[int | None]]:
+        """What ``should_rate_limit`` would answer with every hits_addend 0, changing nothing:
+        counters are only read, no stat is counted, the local cache is only consulted. Also the
+        match of each descriptor and its counter's current value (None: not read). Only plain
+        fixed-window rules are read; a descriptor whose rule counts otherwise
+        (docs/algorithms.md) gets Code.UNKNOWN and takes no part in the overall code."""
+        if not request.domain:
+            raise RequestError("rate limit domain must not be empty")
+        if not request.descriptors:
+            raise RequestError("rate limit descriptor list must not be empty")
+        if config is None:
+            raise NoConfigError()
+        count = len(request.descriptors)
+        now = int(self.clock())
+        known = request.domain in config.domains  # _match_all counts an unknown domain
+        matches: list[Match | None] = [None] * count
+        if known:
+            matches = self._match_all(config, request)
+        statuses: list[Status] = [_OK] * count
+        counted: list[_Counted] = []
+        prefix = self.options.cache_key_prefix
+        for index, found in enumerate(matches):
+            if found is None:
+                continue
+            rule = found.rule
+            if rule.unlimited:
+                statuses[index] = _UNLIMITED
+            elif not rule.classic or self.options.charge_only_when_admitted:
+                statuses[index] = Status(Code.UNKNOWN, rule)
+            else:
+                window = rule.unit.seconds
+                into = now % window
+                key = f"{prefix}{found.key_body}{now - into}"
+                counted.append(
+                    _Counted(
+                        index, rule, found.stats_key, 0, key, window, window - into,
+                        rule.quota_mode or self.options.quota_mode,
+                    )
+                )  # fmt: skip
+        current: list[int | None] = [None] * count
+        if counted:
+            values = await self.store.get([item.key for item in counted])
+            cache = self.local_cache
+            for item, value in zip(counted, values, strict=True):
+                item.after = current[item.index] = value
+                item.cached = cache is not None and cache.holds(item.key, now)
+        for item in counted:
+            rule = item.rule
+            limit = rule.requests_per_unit
+            code, remaining, _ = decide(
+                limit, 0, item.after, self._near_threshold(limit),
+                shadow=rule.shadow_mode, cached=item.cached,
+            )  # fmt: skip
+            statuses[item.index] = Status(code, rule, remaining, item.reset)
+        overall = self._overall(statuses, counted, matches)
+        if overall is Code.OVER_LIMIT and self.options.shadow_mode:
+            overall = Code.OK
+        return Decision(overall, tuple(statuses)), matches, current
 
     def _near_threshold(self, limit: int) -> int:
         near = self._near.get(limit)

@@ -29,6 +29,11 @@ class LocalCache:
     def _size(key: str) -> int:
         return len(key.encode()) + ENTRY_OVERHEAD_BYTES
 
+    def holds(self, key: str, now: int) -> bool:
+        """Like ``contains`` but counting nothing and removing nothing (a dry run's look)."""
+        expires_at = self._entries.get(key)
+        return expires_at is not None and expires_at > now
+
     def contains(self, key: str, now: int) -> bool:
         expires_at = self._entries.get(key)
         if expires_at is None:

@@ -119,3 +119,42 @@ def match(
     else:
         stats_key = rule.stats_key
     return Match(rule, f"{domain}_{'_'.join(counter_parts)}_", stats_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One level of ``explain``'s walk: the request entry, the node it led to and how (``exact``
+    ``k_v`` child, ``wildcard`` child, plain ``key`` child, or ``none``: the walk stops)."""
+
+    key: str
+    value: str
+    how: str
+    node: str = ""  # the node's composite key in the config (its pattern for a wildcard)
+    rule: Rule | None = None
+
+
+def explain(config: RateLimitConfig, domain: str, entries: Sequence[Entry]) -> list[Step]:
+    """The path ``match`` takes through the tree for ``entries``, level by level (the console's
+    dry run, docs/console.md). Kept beside ``match`` and tested against it: the same greedy walk,
+    written for reading rather than speed."""
+    node = config.domains.get(domain)
+    steps: list[Step] = []
+    if node is None:
+        return steps
+    for index, (key, value) in enumerate(entries):
+        composite = f"{key}_{value}"
+        how, child = "exact", node.children.get(composite)
+        if child is None:
+            how = "wildcard"
+            child = next((c for p, c in node.wildcards if p.fullmatch(composite)), None)
+        if child is None:
+            how, child = "key", node.children.get(key)
+        if child is None:
+            steps.append(Step(key, value, "none"))
+            return steps
+        steps.append(Step(key, value, how, child.composite, child.rule))
+        if index < len(entries) - 1 and not child.has_children:
+            steps.append(Step(*entries[index + 1], "none"))
+            return steps
+        node = child
+    return steps

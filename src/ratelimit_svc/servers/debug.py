@@ -19,6 +19,8 @@ from types import FrameType
 from aiohttp import web
 
 from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.servers.console.model import Console, DryRunError, dumps
+from ratelimit_svc.servers.console.page import SECURITY_HEADERS, console_page
 from ratelimit_svc.servers.http_api import Listener, start_listener
 from ratelimit_svc.settings.model import Settings
 
@@ -31,6 +33,12 @@ ENDPOINTS = {
     "/settings": "the effective settings as JSON, credentials redacted",
     "/debug/tasks": "every asyncio task and its stack",
     "/debug/threads": "every thread and its stack",
+    "/console": "the operator's console: rules, live traffic, hot keys, backend, dry run",
+    "/console/api/rules": "the loaded rule tree, its source and the last load error (JSON)",
+    "/console/api/traffic": "per-domain and per-rule rates over the last minutes (JSON)",
+    "/console/api/hot-keys": "the counters over or near their limit now (JSON)",
+    "/console/api/backend": "backend type, health, breaker, latency, errors, pool (JSON)",
+    "/console/api/dry-run": "POST a RateLimitRequest as JSON: the answer, counting nothing",
     "/debug/tracemalloc": (
         "top allocation sites; ?start=1[&frames=N] to start tracing, ?stop=1 to stop, "
         "?limit=N (default 25), ?key=lineno|filename|traceback"
@@ -127,10 +135,53 @@ def tracemalloc_top(limit: int, key_type: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_console_routes(app: web.Application, console: Console) -> None:
+    """The console page and its JSON (docs/console.md); only the dry run takes a body."""
+    page = console_page()
+
+    def json_response(document: object, status: int = 200) -> web.Response:
+        return web.Response(
+            text=dumps(document), status=status, content_type="application/json",
+            headers=SECURITY_HEADERS,
+        )  # fmt: skip
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(
+            text=page.html, content_type="text/html", headers=page.headers
+        )
+
+    async def dry_run(request: web.Request) -> web.Response:
+        # A JSON content type cannot be sent cross-site without a CORS preflight, which this
+        # listener never grants: another site open in the operator's browser cannot post here.
+        if request.content_type != "application/json":
+            return json_response({"error": "send the request as application/json"}, 415)
+        try:
+            return json_response(await console.dry_run(await request.read()))
+        except DryRunError as exc:
+            return json_response({"error": str(exc)}, exc.status)
+
+    for path, panel in (
+        ("/console/api/rules", console.rules),
+        ("/console/api/traffic", console.traffic),
+        ("/console/api/hot-keys", console.hot_keys),
+        ("/console/api/backend", console.backend),
+    ):
+        async def handler(
+            request: web.Request, panel: Callable[[], object] = panel
+        ) -> web.Response:
+            return json_response(panel())
+
+        app.router.add_get(path, handler)
+    app.router.add_get("/console", index)
+    app.router.add_get("/console/", index)
+    app.router.add_post("/console/api/dry-run", dry_run)
+
+
 def build_debug_app(
     settings: Settings,
     config: Callable[[], RateLimitConfig | None],
     stats: Callable[[], Mapping[str, int]],
+    console: Console | None = None,
 ) -> web.Application:
     async def index(request: web.Request) -> web.Response:
         return _text("".join(f"{path}: {help_}\n" for path, help_ in sorted(ENDPOINTS.items())))
@@ -185,6 +236,8 @@ def build_debug_app(
     app.router.add_get("/debug/tasks", tasks)
     app.router.add_get("/debug/threads", threads)
     app.router.add_get("/debug/tracemalloc", tracemalloc_endpoint)
+    if console is not None:
+        add_console_routes(app, console)
     return app
 
 
@@ -192,8 +245,9 @@ async def start_debug_server(
     settings: Settings,
     config: Callable[[], RateLimitConfig | None],
     stats: Callable[[], Mapping[str, int]],
+    console: Console | None = None,
 ) -> Listener:
-    app = build_debug_app(settings, config, stats)
+    app = build_debug_app(settings, config, stats, console)
     listener = await start_listener(app, settings.debug_host, settings.debug_port)
     log.warning("Listening for debug on '%s'", listener.address)
     return listener

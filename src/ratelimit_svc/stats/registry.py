@@ -8,7 +8,7 @@ Bounded per-key stats)).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from typing import Protocol
 
@@ -194,6 +194,11 @@ class MemoryStats:
                 values[f"{PER_KEY_PREFIX}{key}.{stat}"] = counter.total
         values.update(self._gauges)
         return values
+
+    def key_totals(self) -> Iterator[tuple[str, dict[str, int]]]:
+        """Each held stats key with its cumulative per-key stats (the console's traffic)."""
+        for key, counters in self._keys.items():
+            yield key, {stat: counter.total for stat, counter in counters.items()}
 
     def __len__(self) -> int:
         """How many stats keys the LRU holds (at most ``max_keys``)."""

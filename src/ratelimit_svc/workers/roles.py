@@ -17,6 +17,7 @@ from ratelimit_svc.app import STOP_GRACE_SECONDS, App, AppHook, cancel_and_wait,
 from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.config.source import ConfigSink
 from ratelimit_svc.logsetup import configure_logging
+from ratelimit_svc.servers.console.model import process_summary
 from ratelimit_svc.settings.model import Settings
 from ratelimit_svc.stats.registry import MemoryStats
 from ratelimit_svc.workers.aggregation import AggregateStats, Report
@@ -66,6 +67,7 @@ class _PrimaryHook(AppHook):
 
     async def started(self, app: App) -> None:
         self.pool.attach(lambda: app.config, self.stats)
+        app.peer_reports = self.pool.console_reports  # the console's line per worker
         # After the primary's own listeners stopped, before the store and the final stats flush
         # (so the workers' last reports are in it).
         app.defer(self.pool.wait_stopped)
@@ -129,6 +131,7 @@ class PrimaryLink(AppHook):
         self._initial_config = config
         self.stats = stats
         self.report = report
+        self._app: App | None = None
 
     # -- ConfigSource --
 
@@ -142,6 +145,7 @@ class PrimaryLink(AppHook):
     # -- AppHook --
 
     async def started(self, app: App) -> None:
+        self._app = app
         loop = asyncio.get_running_loop()
         for task in (
             loop.create_task(self._listen(app), name="primary-link"),
@@ -172,3 +176,14 @@ class PrimaryLink(AppHook):
     def _send_report(self) -> None:
         self.stats.flush()
         self.link.send(self.report.take())
+        app = self._app
+        if app is None:
+            return
+        now = app.clock()
+        self.link.send((
+            "console",
+            {
+                "summary": process_summary(app.store, app.latency, app.health),
+                "hot_keys": [key.as_dict(now) for key in app.hot_keys.top(now)],
+            },
+        ))  # fmt: skip

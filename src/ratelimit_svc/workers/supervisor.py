@@ -13,6 +13,7 @@ import os
 import pickle
 import socket
 import struct
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
@@ -182,6 +183,8 @@ class WorkerPool:
         self._ready: set[int] = set()
         self._current_config: Callable[[], RateLimitConfig | None] | None = None
         self._aggregate: Aggregate | None = None
+        # worker index -> its last console report (backend line, hot keys; docs/console.md)
+        self.console_reports: dict[int, dict[str, Any]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._all_exited = asyncio.Event()
@@ -233,10 +236,13 @@ class WorkerPool:
             while (message := await link.receive()) is not None:
                 if message[0] == "stats":
                     aggregate.merge(index, *message[1:])
+                elif message[0] == "console":
+                    self.console_reports[index] = {"at": time.time(), **message[1]}
                 elif message[0] == "ready":
                     self._on_ready(index, message[1])
         finally:
             self._links.pop(index, None)
+            self.console_reports.pop(index, None)
             await link.close()
             aggregate.forget(index)
             self._ready.discard(index)
@@ -315,10 +321,6 @@ class WorkerPool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for sock in self._sockets.values():
             sock.close()
-
-
-
-
 
 
 # -- a worker -------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The operator's console on the debug port (docs/console.md): its data and its page."""
