@@ -16,6 +16,7 @@ from support.redis_fixtures import RedisServer
 from support.service_env import base_env, config_dir_env
 
 from ratelimit_svc.app import App
+from ratelimit_svc.config.source import FileSource
 from ratelimit_svc.limiter.limiter import Request, RequestDescriptor
 from ratelimit_svc.settings.model import Settings
 
@@ -97,7 +98,9 @@ async def test_rules_panel_is_the_tree_with_its_source(running: Running) -> None
 
 async def test_a_failed_reload_shows_file_and_line_and_keeps_the_old_rules(running: Running) -> None:
     (running.config_dir / "zz-broken.yaml").write_text("domain: other\ndescriptors:\n  - key: k\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n")
-    assert not running.app.reload()
+    source = running.app.source
+    assert isinstance(source, FileSource)
+    source.load(running.app)  # what the watcher does on a change
     rules = await running.get("/console/api/rules")
     error = rules["last_error"]
     assert error["file"] == "zz-broken.yaml" and error["line"] == 4
