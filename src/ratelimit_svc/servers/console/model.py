@@ -193,7 +193,7 @@ class Console:
         if self.status.source == "xds":
             return {
                 "type": "xds",
-                "server": settings.config_grpc_xds_server_url,
+                "server": settings.xds.server_url,
                 "version": self.status.xds_version,
                 "nonce": self.status.xds_nonce,
             }
@@ -239,7 +239,7 @@ class Console:
             detail = settings.redis.type + (" + per-second" if settings.redis_persecond else "")
             pool_size = settings.redis.pool_size
         elif kind == "memcache":
-            detail = "srv" if settings.memcache_srv else f"{len(settings.memcache_host_port)} hosts"
+            detail = "srv" if settings.memcache.srv else f"{len(settings.memcache.host_port)} hosts"
         now = self.clock()
         processes = [{"role": "primary", **process_summary(self.store, self.recorder, self.health)}]
         for index, report in sorted(self.workers().items()):
