@@ -35,6 +35,8 @@ descriptors:
       - key: plan
         value: gold*
         rate_limit: {{unit: day, requests_per_unit: 100, name: gold}}
+  - key: api
+    rate_limit: {{unit: second, requests_per_unit: 10, algorithm: token_bucket, burst: 30}}
 """
 
 
@@ -79,11 +81,13 @@ async def test_rules_panel_is_the_tree_with_its_source(running: Running) -> None
     rules = await running.get("/console/api/rules")
     (domain,) = rules["domains"]
     assert domain["domain"] == "web"
-    user, path, team = domain["descriptors"]
+    user, path, team, api = domain["descriptors"]
+    assert (api["rule"]["algorithm"], api["rule"]["burst"]) == ("token_bucket", 30)
     assert user["rule"] == {
         "name": "", "stats_key": "web.user", "requests_per_unit": 3, "unit": "MINUTE",
-        "algorithm": "fixed_window", "unlimited": False, "shadow_mode": False, "quota_mode": False,
-        "detailed_metric": False, "replaces": [],
+        "algorithm": "fixed_window", "unit_multiplier": 1, "burst": 0,
+        "charge_only_when_admitted": False, "more_limits": [], "unlimited": False,
+        "shadow_mode": False, "quota_mode": False, "detailed_metric": False, "replaces": [],
     }
     assert path["value"] == HOSTILE and path["rule"]["shadow_mode"]
     (plan,) = team["children"]
@@ -173,6 +177,17 @@ async def test_dry_run_explains_and_answers_without_counting(running: Running) -
     await running.ask(("user", "u"))
     answer = await running.dry_run({"domain": "web", "descriptors": [body["descriptors"][0]]})
     assert answer["overall_code"] == "OVER_LIMIT" and answer["descriptors"][0]["current"] == 4
+
+
+async def test_dry_run_reads_fixed_windows_only_and_says_so(running: Running) -> None:
+    """docs/console.md (Try a request): a rule of another algorithm is shown, not read."""
+    answer = await running.dry_run({"domain": "web", "descriptors": [
+        {"entries": [{"key": "api", "value": "x"}]}, {"entries": [{"key": "user", "value": "u"}]},
+    ]})
+    api, user = answer["descriptors"]
+    assert api["code"] == "UNKNOWN" and api["current"] is None and api["rule"]["algorithm"] == "token_bucket"
+    assert "token_bucket" in api["why"]
+    assert user["code"] == "OK" and user["current"] == 0 and answer["overall_code"] == "OK"
 
 
 async def test_dry_run_refuses_what_it_cannot_answer(running: Running) -> None:

@@ -300,7 +300,7 @@ class Console:
                 "current": current[index],
                 "remaining": status.remaining,
                 "reset_seconds": status.reset_seconds,
-                "why": _why(known, found is not None, steps, descriptor.override is not None),
+                "why": _why(known, found, steps, descriptor.override is not None),
             })  # fmt: skip
         return {
             "domain": request.domain,
@@ -310,12 +310,17 @@ class Console:
         }
 
 
-def _why(known: bool, matched: bool, steps: list[Any], override: bool) -> str:
+def _why(known: bool, found: Any, steps: list[Any], override: bool) -> str:
     if not known:
         return "the domain is not in the loaded config: no limit applies"
     if override:
         return "the request carries its own limit (override): it replaces the tree's rule"
-    if matched:
+    if found is not None and not found.rule.classic and not found.rule.unlimited:
+        return (
+            f"matched a {found.rule.algorithm.name.lower()} rule: the dry run reads plain fixed "
+            "windows only, so its count is not shown and it takes no part in the overall code"
+        )
+    if found is not None:
         return "matched: the walk ended on a node with a rate limit"
     if steps and steps[-1].how == "none":
         return f"no match: nothing in the tree for entry '{steps[-1].key}' at this level"
