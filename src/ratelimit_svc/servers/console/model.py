@@ -234,10 +234,8 @@ class Console:
         settings = self.settings
         kind = settings.backend_type
         detail = ""
-        pool_size = None
         if kind == "redis":
             detail = settings.redis.type + (" + per-second" if settings.redis_persecond else "")
-            pool_size = settings.redis.pool_size
         elif kind == "memcache":
             detail = "srv" if settings.memcache.srv else f"{len(settings.memcache.host_port)} hosts"
         now = self.clock()
@@ -250,7 +248,6 @@ class Console:
         return {
             "type": kind,
             "detail": detail,
-            "pool_size": pool_size,
             "healthy": self.health.healthy,
             "errors": {
                 "backend": stats.get("ratelimit.service.call.should_rate_limit.redis_error", 0),
