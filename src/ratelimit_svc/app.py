@@ -25,7 +25,8 @@ from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.config.source import ConfigSource, FileSource
 from ratelimit_svc.config.xds import XdsConfigClient
 from ratelimit_svc.errors import ConfigError
-from ratelimit_svc.limiter.limiter import Limiter, LimiterOptions
+from ratelimit_svc.limiter.limiter import Limiter, LimiterOptions, Request
+from ratelimit_svc.limiter.peek import CounterView, peek
 from ratelimit_svc.limiter.store import CounterStore
 from ratelimit_svc.servers.debug import start_debug_server
 from ratelimit_svc.servers.grpc_aio import GrpcServer, start_grpc_server
@@ -113,6 +114,7 @@ def config_source(settings: Settings) -> ConfigSource:
         settings.runtime_subdirectory,
         settings.runtime_appdirectory,
         settings.runtime_ignoredotfiles,
+        settings.runtime_ignore_patterns,
     )
     return FileSource(
         location,
@@ -202,7 +204,7 @@ class App:
         try:
             self._operations.push_async_callback(self.source.close)
             await self.source.start(self)
-            limiter = Limiter(
+            self.limiter = limiter = Limiter(
                 store=self._traced_store(self.store),
                 stats=self.stats,
                 options=limiter_options(settings),
@@ -250,7 +252,14 @@ class App:
             return
         self.http = await start_http_server(self.service, self.health, settings.host, settings.port)
         ops.push_async_callback(self.http.close)
-        self.debug = await start_debug_server(settings, lambda: self.config, self.stats.snapshot)
+        limiter = self.limiter
+
+        async def peek_now(request: Request) -> list[CounterView]:
+            return await peek(limiter, self.config, request)
+
+        self.debug = await start_debug_server(
+            settings, lambda: self.config, self.stats.snapshot, peek_now
+        )
         ops.push_async_callback(self.debug.close)
 
     # -- stats and tracing ---------------------------------------------------------------------

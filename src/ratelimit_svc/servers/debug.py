@@ -20,6 +20,8 @@ from aiohttp import web
 
 from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.servers.http_api import Listener, start_listener
+from ratelimit_svc.servers.peek_page import HELP as PEEK_HELP
+from ratelimit_svc.servers.peek_page import PeekFn, peek_handler
 from ratelimit_svc.settings.model import Settings
 
 log = logging.getLogger(__name__)
@@ -131,9 +133,11 @@ def build_debug_app(
     settings: Settings,
     config: Callable[[], RateLimitConfig | None],
     stats: Callable[[], Mapping[str, int]],
+    peek: PeekFn | None = None,
 ) -> web.Application:
     async def index(request: web.Request) -> web.Response:
-        return _text("".join(f"{path}: {help_}\n" for path, help_ in sorted(ENDPOINTS.items())))
+        endpoints = {**ENDPOINTS, **({"/debug/peek": PEEK_HELP} if peek is not None else {})}
+        return _text("".join(f"{path}: {help_}\n" for path, help_ in sorted(endpoints.items())))
 
     async def rlconfig(request: web.Request) -> web.Response:
         current = config()
@@ -185,6 +189,8 @@ def build_debug_app(
     app.router.add_get("/debug/tasks", tasks)
     app.router.add_get("/debug/threads", threads)
     app.router.add_get("/debug/tracemalloc", tracemalloc_endpoint)
+    if peek is not None:
+        app.router.add_get("/debug/peek", peek_handler(peek))
     return app
 
 
@@ -192,8 +198,11 @@ async def start_debug_server(
     settings: Settings,
     config: Callable[[], RateLimitConfig | None],
     stats: Callable[[], Mapping[str, int]],
+    peek: PeekFn | None = None,
 ) -> Listener:
-    app = build_debug_app(settings, config, stats)
-    listener = await start_listener(app, settings.debug_host, settings.debug_port)
+    app = build_debug_app(settings, config, stats, peek)
+    listener = await start_listener(
+        app, settings.debug_host, settings.debug_port, what="debug", setting="DEBUG_HOST/DEBUG_PORT"
+    )
     log.warning("Listening for debug on '%s'", listener.address)
     return listener
