@@ -28,7 +28,8 @@ from ratelimit_svc.config.status import ConfigStatus
 from ratelimit_svc.config.xds import XdsConfigClient
 from ratelimit_svc.errors import ConfigError
 from ratelimit_svc.limiter.hotkeys import HotKeys
-from ratelimit_svc.limiter.limiter import Limiter, LimiterOptions
+from ratelimit_svc.limiter.limiter import Limiter, LimiterOptions, Request
+from ratelimit_svc.limiter.peek import CounterView, peek
 from ratelimit_svc.limiter.store import CounterStore
 from ratelimit_svc.servers.console.model import Console
 from ratelimit_svc.servers.debug import start_debug_server
@@ -117,6 +118,7 @@ def config_source(settings: Settings) -> ConfigSource:
         settings.runtime_subdirectory,
         settings.runtime_appdirectory,
         settings.runtime_ignoredotfiles,
+        settings.runtime_ignore_patterns,
     )
     return FileSource(
         location,
@@ -220,7 +222,7 @@ class App:
         try:
             self._operations.push_async_callback(self.source.close)
             await self.source.start(self)
-            limiter = Limiter(
+            self.limiter = limiter = Limiter(
                 store=self._traced_store(TimedStore(self.store, self.latency)),
                 stats=self.stats,
                 options=limiter_options(settings),
@@ -284,8 +286,13 @@ class App:
         )
         console.start()
         ops.push_async_callback(console.close)
+        limiter = self.limiter
+
+        async def peek_now(request: Request) -> list[CounterView]:
+            return await peek(limiter, self.config, request)
+
         self.debug = await start_debug_server(
-            settings, lambda: self.config, self.stats.snapshot, console
+            settings, lambda: self.config, self.stats.snapshot, console, peek_now
         )
         ops.push_async_callback(self.debug.close)
 

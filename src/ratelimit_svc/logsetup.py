@@ -1,6 +1,9 @@
 """Logging, configured once at startup: LOG_LEVEL with the reference's level names, LOG_FORMAT
 text or the reference's JSON keys, and a filter that redacts credentials from every record
 (docs/observability.md (Logging)).
+
+LOG_LEVEL=TRACE also shows the libraries' own debug records; below it they are kept to WARNING and
+above (``LibraryFilter``).
 """
 
 from __future__ import annotations
@@ -102,13 +105,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class LibraryFilter(logging.Filter):
+    """Lets a library's record (asyncio, aiohttp, grpc, watchdog...) through at WARNING and above
+    only: LOG_LEVEL=DEBUG is about this service, and the libraries' debug output (every watched
+    file event, every connection) would drown it. LOG_LEVEL=TRACE shows theirs too."""
+
+    def __init__(self, own_prefix: str = "ratelimit_svc", library_level: int = logging.WARNING):
+        super().__init__()
+        self.own_prefix = own_prefix
+        self.library_level = library_level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.library_level:
+            return True
+        name = record.name
+        return name == self.own_prefix or name.startswith(self.own_prefix + ".")
+
+
 def configure_logging(settings: Settings, stream: TextIO | None = None) -> logging.Handler:
-    """Send every log record to ``stream`` (stderr) at LOG_LEVEL in LOG_FORMAT, redacted."""
+    """Send every log record to ``stream`` (stderr) at LOG_LEVEL in LOG_FORMAT, redacted;
+    libraries' records below WARNING only with LOG_LEVEL=TRACE (``LibraryFilter``)."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    if settings.log_level != "TRACE":
+        handler.addFilter(LibraryFilter())
     handler.addFilter(RedactFilter(secrets_of(settings)))
     handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ratelimit_svc import __version__
 from ratelimit_svc.config.loader import ConfigFile, load_config
 from ratelimit_svc.errors import ConfigError, RateLimitSvcError, SettingsError
 from ratelimit_svc.logsetup import configure_logging
@@ -78,6 +79,28 @@ def config_check_main(argv: Sequence[str] | None = None) -> None:
     print("all rate limit configs ok")
 
 
+def _count_arg(raw: str) -> int:
+    """A number of hits: a whole number from 0 to 2^32-1 (argparse turns the error into a usage
+    line)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if not 0 <= value <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range (0 to {2**32 - 1})")
+    return value
+
+
+def _seconds_arg(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{raw} must be a positive number of seconds")
+    return value
+
+
 def client_main(argv: Sequence[str] | None = None) -> None:
     # Imported here so that config-check does not pay for gRPC.
     import grpc
@@ -98,14 +121,24 @@ def client_main(argv: Sequence[str] | None = None) -> None:
         default=[],
         help="one descriptor as k=v,k2=v2 (repeat the flag for several)",
     )
-    _flag(parser, "hits_addend", type=int, default=0, help="hits to add (0 = 1)")
-    _flag(parser, "timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    _flag(
+        parser, "hits_addend", type=_count_arg, default=0,
+        help="hits to add to every descriptor (0, the default, means 1)",
+    )  # fmt: skip
+    _flag(
+        parser, "peek", action="store_true",
+        help="look without counting: each descriptor is sent with hits_addend 0, so the answer "
+        "shows the limit, what remains and the reset while nothing is added",
+    )  # fmt: skip
+    _flag(parser, "timeout", type=_seconds_arg, default=5.0, help="seconds to wait for the answer")
     _flag(parser, "grpc_use_tls", action="store_true", help="connect with TLS")
     _flag(parser, "grpc_server_ca_file", default="", help="CA that signed the server certificate")
     _flag(parser, "grpc_cert_file", default="", help="client certificate (mTLS)")
     _flag(parser, "grpc_key_file", default="", help="client key (mTLS)")
     _flag(parser, "grpc_tls_server_name", default="", help="override the TLS server name")
     args = parser.parse_args(argv)
+    if args.peek and args.hits_addend:
+        parser.error("--peek counts nothing: it cannot be combined with --hits_addend")
 
     request = rls_pb2.RateLimitRequest(domain=args.domain, hits_addend=args.hits_addend)
     for spec in args.descriptors:
@@ -113,9 +146,12 @@ def client_main(argv: Sequence[str] | None = None) -> None:
         for pair in spec.split(","):
             key, sep, value = pair.partition("=")
             if not sep:
-                print(f"invalid descriptor entry {pair!r}: expected key=value", file=sys.stderr)
-                sys.exit(1)
+                parser.error(f"invalid descriptor entry {pair!r}: expected key=value")
             descriptor.entries.add(key=key, value=value)
+        if args.peek:
+            # The per-descriptor wrapper set to 0 means "add nothing" (the request-level 0
+            # means 1): the service reads the counter and answers as for a check.
+            descriptor.hits_addend.value = 0
         request.descriptors.append(descriptor)
 
     def read(path: str) -> bytes | None:
@@ -147,10 +183,42 @@ def client_main(argv: Sequence[str] | None = None) -> None:
             print(f"request error: {exc.code().name}: {exc.details()}")
             sys.exit(1)
     print("response: " + text_format.MessageToString(response, as_one_line=False))
+    if args.peek:
+        for spec, status in zip(args.descriptors, response.statuses, strict=False):
+            limit = status.current_limit
+            if not limit.requests_per_unit:
+                print(f"peek {spec}: no limit applies")
+                continue
+            used = limit.requests_per_unit - status.limit_remaining
+            unit = rls_pb2.RateLimitResponse.RateLimit.Unit.Name(limit.unit).lower()
+            print(
+                f"peek {spec}: {used}/{limit.requests_per_unit} per {unit} used"
+                f"{' (at or over the limit)' if status.limit_remaining == 0 else ''}, "
+                f"{status.limit_remaining} remaining, resets in "
+                f"{status.duration_until_reset.seconds}s"
+            )
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``ratelimit`` takes no arguments but ``--help`` and ``--version``: it is configured by
+    environment variables, as the reference."""
+    parser = argparse.ArgumentParser(
+        prog="ratelimit",
+        description=(
+            "Envoy's global rate-limit service (envoyproxy/ratelimit compatible). Configured "
+            "only by environment variables: BACKEND_TYPE (redis, memcache, memory), REDIS_URL, "
+            "RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/RUNTIME_APPDIRECTORY (the rules), PORT, "
+            "GRPC_PORT, DEBUG_PORT, LOG_LEVEL and more."
+        ),
+        epilog="Every setting: README.md (Configuration); deployment: docs/deployment.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"ratelimit-svc {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Console script ``ratelimit``: configured only by environment variables."""
+    parse_args(argv)
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:

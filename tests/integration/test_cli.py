@@ -206,3 +206,57 @@ async def test_client_with_tls_and_mtls_flags(tmp_path: Path) -> None:
         code, out = await client(*target, "--grpc_use_tls", "--grpc_server_ca_file", str(tmp_path / "missing.pem"))
         assert code == 1
         assert "missing.pem" in out
+
+
+# -- first contact: bad arguments, --help, --version, --peek (docs/deployment.md (First contact)) --
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "complaint"),
+    [
+        ("ratelimit", ["--bogus"], "unrecognized arguments: --bogus"),
+        ("ratelimit", ["serve"], "unrecognized arguments: serve"),
+        ("ratelimit-client", ["--hits_addend", "-3"], "-3 is out of range"),
+        ("ratelimit-client", ["--hits_addend", "many"], "'many' is not a whole number"),
+        ("ratelimit-client", ["--descriptors", "nope"], "invalid descriptor entry 'nope'"),
+        ("ratelimit-client", ["--timeout", "0"], "must be a positive number of seconds"),
+        ("ratelimit-client", ["--peek", "--hits_addend", "2"], "cannot be combined with --hits_addend"),
+        ("ratelimit-config-check", [], "the following arguments are required"),
+        ("ratelimit-config-check", ["--config_dir"], "expected one argument"),
+    ],
+)
+def test_every_cli_rejects_bad_arguments_with_a_usage_line(command: str, args: list[str], complaint: str) -> None:
+    result = subprocess.run([str(BIN / command), *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"usage: {command} ")
+    assert complaint in result.stderr.splitlines()[-1]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_ratelimit_help_and_version_print_and_exit() -> None:
+    """Without a Redis or a config: --help and --version never start the service."""
+    from ratelimit_svc import __version__
+
+    env = {"PATH": str(BIN), "BACKEND_TYPE": "redis", "REDIS_URL": "/nonexistent.sock"}
+    help_ = subprocess.run([str(BIN / "ratelimit"), "--help"], capture_output=True, text=True, timeout=60, env=env)
+    assert help_.returncode == 0 and help_.stderr == ""
+    assert help_.stdout.startswith("usage: ratelimit ")
+    assert "environment variables" in help_.stdout and "docs/deployment.md" in help_.stdout
+    version = subprocess.run([str(BIN / "ratelimit"), "--version"], capture_output=True, text=True, timeout=60, env=env)
+    assert (version.returncode, version.stdout) == (0, f"ratelimit-svc {__version__}\n")
+
+
+async def test_client_peek_shows_the_counter_without_counting(app: App) -> None:
+    assert (await client("--dial_string", dial(app), "--domain", "basic", "--descriptors", "key1=p"))[0] == 0
+    for _ in range(3):  # looking, however often, adds nothing
+        code, out = await client("--dial_string", dial(app), "--domain", "basic", "--descriptors", "key1=p", "--peek")
+        assert code == 0, out
+        assert out.splitlines()[-1] == "peek key1=p: 1/2 per minute used, 1 remaining, resets in 35s"
+        assert "  limit_remaining: 1" in out
+    # The one hit counted is the only one: a second real hit is still within the limit.
+    code, out = await client("--dial_string", dial(app), "--domain", "basic", "--descriptors", "key1=p")
+    assert "response: overall_code: OK" in out and "limit_remaining" not in out  # 0: not printed
+    code, out = await client("--dial_string", dial(app), "--domain", "basic", "--descriptors", "key1=p", "--peek")
+    assert out.splitlines()[-1] == "peek key1=p: 2/2 per minute used (at or over the limit), 0 remaining, resets in 35s"
+    code, out = await client("--dial_string", dial(app), "--domain", "basic", "--descriptors", "nothing=here", "--peek")
+    assert out.splitlines()[-1] == "peek nothing=here: no limit applies"

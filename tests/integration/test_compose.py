@@ -126,16 +126,26 @@ def dockerignored(path: str) -> bool:
     return ignored
 
 
-def test_ratelimit_is_built_from_a_slim_python_image_as_a_non_root_user() -> None:
+def test_ratelimit_is_built_from_a_pinned_slim_python_image_as_a_non_root_user() -> None:
     build = SERVICES["ratelimit"]["build"]
     context = ROOT / build["context"]
     assert (context / build["dockerfile"]).is_file()
     instructions = dockerfile_instructions()
-    stages = [arg for op, arg in instructions if op == "FROM"]
-    assert all(re.match(r"python:3\.1[1-9]-slim\b", stage) for stage in stages), stages
+    stages = [arg.split()[0] for op, arg in instructions if op == "FROM"]
+    assert len(stages) == 2, "a build stage and a runtime stage"
+    for stage in stages:  # slim, pinned by digest (docs/deployment.md (Image))
+        assert re.fullmatch(r"python:3\.1[1-9][.\d]*-slim-\w+@sha256:[0-9a-f]{64}", stage), stage
+    assert stages[0] == stages[1], "both stages on the same base: the venv is copied across"
     final_stage = max(i for i, (op, _) in enumerate(instructions) if op == "FROM")
     users = [arg for op, arg in instructions[final_stage:] if op == "USER"]
-    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0"
+    # The final stage gets the built venv and the license, nothing from the build context else.
+    final_copies = [arg for op, arg in instructions[final_stage:] if op == "COPY"]
+    assert final_copies[0].startswith("--from=build /opt/ratelimit ")
+    # The environment is built by scripts/build_venv.sh from requirements.lock (the test that
+    # builds the same environment without Docker: tests/integration/test_installs.py).
+    runs = [arg for op, arg in instructions[:final_stage] if op == "RUN"]
+    assert runs == ["sh build_venv.sh deps /opt/ratelimit", "sh build_venv.sh app /opt/ratelimit"]
     # What the build copies from the context exists and is not dropped by .dockerignore.
     copied = [
         source
@@ -143,13 +153,25 @@ def test_ratelimit_is_built_from_a_slim_python_image_as_a_non_root_user() -> Non
         if op == "COPY" and not arg.startswith("--from")
         for source in arg.split()[:-1]
     ]
-    assert copied == ["pyproject.toml", "README.md", "src"]
+    assert set(copied) == {
+        "scripts/build_venv.sh", "requirements.lock", "pyproject.toml", "README.md", "LICENSE", "src",
+    }  # fmt: skip
     for source in copied:
         assert (context / source).exists(), source
         assert not dockerignored(source), f".dockerignore drops {source}"
     assert not dockerignored("src/ratelimit_svc/app.py")
-    assert dockerignored(".venv/bin/python") and dockerignored("tests/test_compose.py")
+    assert dockerignored(".venv/bin/python") and dockerignored("tests/integration/test_compose.py")
     assert dockerignored("src/ratelimit_svc/__pycache__/app.cpython-312.pyc")
+    assert dockerignored("scripts/demo.py") and dockerignored(".cache/bin/helm")
+
+
+def test_only_envoys_listener_is_published_beyond_loopback() -> None:
+    """Debug, admin, metrics and the service's own ports are for this machine only."""
+    for name in SERVICES:
+        for container_port, host in published(name).items():
+            if (name, container_port) == ("envoy", 10000):
+                continue
+            assert host.startswith("127.0.0.1:"), f"{name}:{container_port} is published on {host}"
 
 
 def test_ratelimit_environment_is_valid_for_the_service() -> None:
@@ -173,6 +195,8 @@ def test_prometheus_scrapes_the_service() -> None:
     settings = Settings.from_env(
         {k: str(v) for k, v in SERVICES["ratelimit"]["environment"].items()}
     )
+    (rules,) = prometheus["rule_files"]
+    assert host_path("prometheus", rules) == ROOT / "deploy" / "observability" / "alerts.yaml"
     (job,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "ratelimit"]
     port = settings.stats.prometheus_addr.rsplit(":", 1)[1]
     assert job["static_configs"][0]["targets"] == [f"ratelimit:{port}"]

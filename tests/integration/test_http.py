@@ -127,7 +127,25 @@ async def test_json_unknown_domain_is_ok_without_limit(http: aiohttp.ClientSessi
 async def test_json_bad_request(http: aiohttp.ClientSession, body: Any) -> None:
     status, text = await post_json(http, body)
     assert status == 400
-    assert text == "Bad Request\n"
+    error = json.loads(text)  # the reason, as JSON (docs/deployment.md (First contact))
+    assert error["code"] == 400 and error["error"] == "Bad Request"
+    assert error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({**BASIC, "colour": "blue"}, "colour"),
+        (b"\xff\xfe", "not UTF-8"),
+        ({"domain": "", "descriptors": BASIC["descriptors"]}, "domain must not be empty"),
+        ({"domain": "basic"}, "descriptor list must not be empty"),
+        ({"domain": "basic", "descriptors": [{"entries": [{"key": "<b>", "value": 5}]}]}, "expected string"),
+    ],
+)
+async def test_json_bad_request_says_why(http: aiohttp.ClientSession, body: Any, reason: str) -> None:
+    status, text = await post_json(http, body)
+    assert status == 400
+    assert reason in json.loads(text)["message"]
 
 
 async def test_json_without_any_config_is_503(tmp_path: Path) -> None:
@@ -136,7 +154,10 @@ async def test_json_without_any_config_is_503(tmp_path: Path) -> None:
         assert app.http is not None
         async with aiohttp.ClientSession(f"http://127.0.0.1:{app.http.port}") as http:
             status, text = await post_json(http, BASIC)
-    assert (status, text) == (503, "Service Unavailable\n")
+    assert status == 503
+    assert json.loads(text) == {
+        "code": 503, "error": "Service Unavailable", "message": "no rate limit configuration loaded",
+    }
 
 
 async def test_json_backend_down_is_503(tmp_path: Path, redis_db: RedisServer) -> None:
@@ -151,7 +172,8 @@ async def test_json_backend_down_is_503(tmp_path: Path, redis_db: RedisServer) -
             assert (await post_json(http, BASIC))[0] == 200
             redis_db.kill()
             status, text = await post_json(http, BASIC)
-    assert (status, text) == (503, "Service Unavailable\n")
+    assert status == 503
+    assert json.loads(text)["error"] == "Service Unavailable"
 
 
 async def test_logs_the_listening_address(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

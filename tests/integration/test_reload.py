@@ -112,7 +112,7 @@ def test_root_mode_reacts_only_to_the_root_entry(tmp_path: Path) -> None:
     """Beside RUNTIME_ROOT new versions are being prepared all the time: not a reason to reload."""
     pokes: list[None] = []
     spec = WatchSpec(str(tmp_path), recursive=False, entries=frozenset({"current"}))
-    handler = _Handler(spec, lambda: pokes.append(None))
+    handler = _Handler(spec, lambda: pokes.append(None), lambda path: False)
     for event in (
         DirCreatedEvent(str(tmp_path / "v3")),
         FileCreatedEvent(str(tmp_path / "current.tmp")),

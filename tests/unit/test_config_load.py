@@ -425,7 +425,7 @@ def test_dotfiles_read_by_default(tmp_path: Path) -> None:
 
 def test_dotfiles_and_dotdirs_skipped_with_ignore_dotfiles(tmp_path: Path) -> None:
     dotted_tree(tmp_path)
-    names = [f.name for f in read_config_files(tmp_path, ignore_dotfiles=True)]
+    names = [f.name for f in read_config_files(tmp_path, location=RuntimeLocation("", "", "", ignore_dotfiles=True))]
     assert names == ["a.yaml", "team/b.yaml"]
 
 
@@ -454,7 +454,7 @@ def test_kubernetes_configmap_layout_with_ignore_dotfiles(tmp_path: Path) -> Non
         {"basic.yaml": domain_text("basic"), "messaging.yaml": domain_text("messaging")},
     )
 
-    files = read_config_files(config_dir, ignore_dotfiles=True)
+    files = read_config_files(config_dir, location=RuntimeLocation("", "", "", ignore_dotfiles=True))
     assert [f.name for f in files] == ["basic.yaml", "messaging.yaml"]
 
     location = RuntimeLocation(str(tmp_path.parent), tmp_path.name, "config", ignore_dotfiles=True)

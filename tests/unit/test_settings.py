@@ -92,6 +92,7 @@ DEFAULTS: dict[str, object] = {
     "runtime_appdirectory": "config",
     "runtime_ignoredotfiles": False,
     "runtime_watch_root": True,
+    "runtime_ignore_patterns": [],
     "expiration_jitter_max_seconds": 300,
     "local_cache_size_in_bytes": 0,
     "near_limit_ratio": 0.8,
@@ -701,7 +702,8 @@ def test_a_full_environment() -> None:
         "LOG_FORMAT": "json", "BACKEND_TYPE": "memory", "USE_STATSD": "false", "USE_PROMETHEUS": "true",
         "EXTRA_TAGS": "env:prod,region:eu", "NEAR_LIMIT_RATIO": "0.9", "EXPIRATION_JITTER_MAX_SECONDS": "0",
         "LOCAL_CACHE_SIZE_IN_BYTES": "1048576", "CACHE_KEY_PREFIX": "rl:", "RUNTIME_ROOT": "/etc/rl",
-        "RUNTIME_SUBDIRECTORY": "ratelimit", "RUNTIME_WATCH_ROOT": "false", "SHADOW_MODE": "True",
+        "RUNTIME_SUBDIRECTORY": "ratelimit", "RUNTIME_WATCH_ROOT": "false",
+        "RUNTIME_IGNORE_PATTERNS": "*~, *.swp,4913", "SHADOW_MODE": "True",
         "REDIS_OP_TIMEOUT": "250ms", "REDIS_STARTUP_MAX_ELAPSED_TIME": "2m", "SHUTDOWN_DRAIN_SECONDS": "5",
         "TRACING_SAMPLING_RATE": "0.1", "USE_DOG_STATSD_MOGRIFIERS": "A, B",
     }  # fmt: skip
@@ -713,6 +715,7 @@ def test_a_full_environment() -> None:
         "expiration_jitter_max_seconds": 0, "local_cache_size_in_bytes": 1048576,
         "cache_key_prefix": "rl:", "runtime_root": "/etc/rl", "runtime_subdirectory": "ratelimit",
         "runtime_watch_root": False, "shadow_mode": True, "redis_op_timeout": 0.25,
+        "runtime_ignore_patterns": ("*~", "*.swp", "4913"),
         "redis_startup_max_elapsed_time": 120.0, "shutdown_drain_seconds": 5.0,
         "tracing_sampling_rate": 0.1, "use_dog_statsd_mogrifiers": ("A", "B"),
     }  # fmt: skip

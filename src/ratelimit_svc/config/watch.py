@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -31,7 +31,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from ratelimit_svc.config.files import RuntimeLocation
+from ratelimit_svc.config.files import RuntimeLocation, is_output_file, output_files
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +104,25 @@ def plan_watches(location: RuntimeLocation, *, watch_root: bool) -> list[WatchSp
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, spec: WatchSpec, poke: Callable[[], None]) -> None:
+    def __init__(
+        self, spec: WatchSpec, poke: Callable[[], None], ignored: Callable[[str], bool]
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.poke = poke
+        self.ignored = ignored
 
     def dispatch(self, event: FileSystemEvent) -> None:
+        paths = [p for p in (os.fsdecode(event.src_path), os.fsdecode(event.dest_path or "")) if p]
         entries = self.spec.entries
         if entries is not None:
-            paths = (os.fsdecode(event.src_path), os.fsdecode(event.dest_path or ""))
             if not any(
-                p and os.path.dirname(p) == self.spec.path and os.path.basename(p) in entries
+                os.path.dirname(p) == self.spec.path and os.path.basename(p) in entries
                 for p in paths
             ):
                 return
+        elif all(self.ignored(p) for p in paths):
+            return  # an editor's swap file, our own log file: nothing a load would read
         log.debug("config watch: %s %s", event.event_type, event.src_path)
         self.poke()
 
@@ -151,6 +156,18 @@ class ConfigWatcher:
         self._task: asyncio.Task[None] | None = None
         self._replanning: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._outputs = output_files()
+
+    def _ignored(self, path: str) -> bool:
+        """An event on ``path`` cannot change what a load reads: a name RUNTIME_IGNORE_PATTERNS
+        skips, or this process's log file. (Dot-files are not skipped here: in a Kubernetes
+        ConfigMap every change is a rename of the kubelet's ``..data`` link.)"""
+        location = self.location
+        if location.ignore_patterns and replace(location, ignore_dotfiles=False).ignores(
+            os.path.basename(path)
+        ):
+            return True
+        return is_output_file(path, self._outputs)
 
     async def __aenter__(self) -> ConfigWatcher:
         self._loop = asyncio.get_running_loop()
@@ -244,7 +261,7 @@ class ConfigWatcher:
                 continue
             try:
                 self._watches[spec] = observer.schedule(
-                    _Handler(spec, self._poke),
+                    _Handler(spec, self._poke, self._ignored),
                     spec.path,
                     recursive=spec.recursive,
                     event_filter=EVENT_FILTER,

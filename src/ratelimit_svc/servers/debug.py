@@ -22,6 +22,8 @@ from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.servers.console.model import Console, DryRunError, dumps
 from ratelimit_svc.servers.console.page import SECURITY_HEADERS, console_page
 from ratelimit_svc.servers.http_api import Listener, start_listener
+from ratelimit_svc.servers.peek_page import HELP as PEEK_HELP
+from ratelimit_svc.servers.peek_page import PeekFn, peek_handler
 from ratelimit_svc.settings.model import Settings
 
 log = logging.getLogger(__name__)
@@ -182,9 +184,11 @@ def build_debug_app(
     config: Callable[[], RateLimitConfig | None],
     stats: Callable[[], Mapping[str, int]],
     console: Console | None = None,
+    peek: PeekFn | None = None,
 ) -> web.Application:
     async def index(request: web.Request) -> web.Response:
-        return _text("".join(f"{path}: {help_}\n" for path, help_ in sorted(ENDPOINTS.items())))
+        endpoints = {**ENDPOINTS, **({"/debug/peek": PEEK_HELP} if peek is not None else {})}
+        return _text("".join(f"{path}: {help_}\n" for path, help_ in sorted(endpoints.items())))
 
     async def rlconfig(request: web.Request) -> web.Response:
         current = config()
@@ -238,6 +242,8 @@ def build_debug_app(
     app.router.add_get("/debug/tracemalloc", tracemalloc_endpoint)
     if console is not None:
         add_console_routes(app, console)
+    if peek is not None:
+        app.router.add_get("/debug/peek", peek_handler(peek))
     return app
 
 
@@ -246,8 +252,11 @@ async def start_debug_server(
     config: Callable[[], RateLimitConfig | None],
     stats: Callable[[], Mapping[str, int]],
     console: Console | None = None,
+    peek: PeekFn | None = None,
 ) -> Listener:
-    app = build_debug_app(settings, config, stats, console)
-    listener = await start_listener(app, settings.debug_host, settings.debug_port)
+    app = build_debug_app(settings, config, stats, console, peek)
+    listener = await start_listener(
+        app, settings.debug_host, settings.debug_port, what="debug", setting="DEBUG_HOST/DEBUG_PORT"
+    )
     log.warning("Listening for debug on '%s'", listener.address)
     return listener

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,7 +11,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from ratelimit_svc.errors import SettingsError
 from ratelimit_svc.servers import tls
+from ratelimit_svc.servers.http_api import cannot_listen
 from ratelimit_svc.service import RateLimitService, add_to_server
 from ratelimit_svc.settings.model import Settings
 
@@ -77,10 +80,20 @@ async def start_grpc_server(
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = listen_address(settings)
-    if credentials is not None:
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    if not settings.grpc_uds and settings.workers <= 1:
+        _check_bindable(settings)  # before grpc, whose own bind error says only "Failed to bind"
+    try:
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc's "Failed to bind"
+        if settings.grpc_uds:
+            message = cannot_listen("gRPC", "GRPC_UDS", "unix", settings.grpc_uds, exc)
+        else:
+            host, port = settings.grpc_host, settings.grpc_port
+            message = cannot_listen("gRPC", "GRPC_HOST/GRPC_PORT", host, port, exc)
+        raise SettingsError(message) from None
     await server.start()
     if not settings.grpc_uds:
         address = f"{settings.grpc_host}:{port}"
@@ -88,3 +101,14 @@ async def start_grpc_server(
     result = GrpcServer(server, health, address, port)
     await result.set_serving(serving)  # nothing yielded since start(): no RPC was answered yet
     return result
+
+
+def _check_bindable(settings: Settings) -> None:
+    """Raise SettingsError, with the operating system's reason, if GRPC_HOST:GRPC_PORT cannot be
+    bound (a port in use, an address not on this machine)."""
+    try:
+        with socket.create_server((settings.grpc_host, settings.grpc_port)):
+            pass
+    except OSError as exc:
+        host, port = settings.grpc_host, settings.grpc_port
+        raise SettingsError(cannot_listen("gRPC", "GRPC_HOST/GRPC_PORT", host, port, exc)) from None

@@ -1,18 +1,28 @@
 """The HTTP listener on HOST:PORT: ``/healthcheck`` and ``/json`` (ShouldRateLimit in proto JSON),
 and ``start_listener``, the aiohttp runner the debug port shares (docs/operations.md (HTTP port)).
+
+Errors carry their reason as a JSON body (``json_error``; the reference's body is a bare
+``Bad Request``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from http import HTTPStatus
 
 from aiohttp import web
 from google.protobuf import json_format
 
-from ratelimit_svc.errors import BackendError, CounterError, NoConfigError, RequestError
+from ratelimit_svc.errors import (
+    BackendError,
+    CounterError,
+    NoConfigError,
+    RequestError,
+    SettingsError,
+)
 from ratelimit_svc.limiter.windows import Code
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2
 from ratelimit_svc.servers.health import Health
@@ -37,22 +47,50 @@ class Listener:
         await self.runner.cleanup()
 
 
-async def start_listener(app: web.Application, host: str, port: int) -> Listener:
+def cannot_listen(what: str, setting: str, host: str, port: int | str, exc: BaseException) -> str:
+    """One line for a port that cannot be listened on, naming the settings that choose it."""
+    if isinstance(exc, OSError) and exc.errno:
+        reason = os.strerror(exc.errno)  # uvloop's strerror repeats the address
+    else:
+        reason = str(exc)
+    hint = "another process holds it? " if "in use" in reason.lower() else ""
+    return (
+        f"cannot listen for {what} on {host}:{port}: {reason} ({hint}choose another with {setting})"
+    )
+
+
+async def start_listener(
+    app: web.Application, host: str, port: int, *, what: str = "HTTP", setting: str = "HOST/PORT"
+) -> Listener:
+    """Listen on ``host:port``; a port in use is a SettingsError naming ``setting``."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_port=False)
         await site.start()
         bound = runner.addresses[0][1]
+    except OSError as exc:
+        await runner.cleanup()
+        raise SettingsError(cannot_listen(what, setting, host, port, exc)) from None
     except BaseException:
         await runner.cleanup()
         raise
     return Listener(runner, f"{host}:{bound}", bound)
 
 
-def status_text(status: HTTPStatus) -> web.Response:
-    """Like Go's ``http.Error(w, http.StatusText(code), code)``."""
-    return web.Response(status=status, text=f"{status.phrase}\n")
+MAX_REASON_CHARS = 500  # a reason quoting a huge bad value is cut
+
+
+def json_error(status: HTTPStatus, reason: str) -> web.Response:
+    """An error as JSON: ``{"code": 400, "error": "Bad Request", "message": reason}``.
+
+    The reference answers a bare ``Bad Request``; the reason in the body tells the caller what to
+    fix without access to the service's log. json.dumps escapes whatever the reason quotes.
+    """
+    if len(reason) > MAX_REASON_CHARS:
+        reason = reason[:MAX_REASON_CHARS] + "..."
+    body = {"code": int(status), "error": status.phrase, "message": reason}
+    return web.json_response(body, status=status)
 
 
 def build_http_app(service: RateLimitService, health: Health) -> web.Application:
@@ -66,20 +104,22 @@ def build_http_app(service: RateLimitService, health: Health) -> web.Application
         message = rls_pb2.RateLimitRequest()
         try:
             json_format.Parse(body, message)
-        except (json_format.ParseError, UnicodeDecodeError) as exc:
+        except json_format.ParseError as exc:
             log.debug("/json: bad request body: %s", exc)
-            return status_text(HTTPStatus.BAD_REQUEST)
+            return json_error(HTTPStatus.BAD_REQUEST, f"invalid RateLimitRequest JSON: {exc}")
+        except UnicodeDecodeError:
+            return json_error(HTTPStatus.BAD_REQUEST, "the request body is not UTF-8 text")
         try:
             decision = await service.should_rate_limit(request_from_proto(message))
         except RequestError as exc:
             log.debug("/json: %s", exc)
-            return status_text(HTTPStatus.BAD_REQUEST)
+            return json_error(HTTPStatus.BAD_REQUEST, str(exc))
         except (BackendError, NoConfigError) as exc:
             log.debug("/json: %s", exc)
-            return status_text(HTTPStatus.SERVICE_UNAVAILABLE)
+            return json_error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
         except CounterError as exc:  # gRPC's FAILED_PRECONDITION: a server-side key, not retriable
             log.debug("/json: %s", exc)
-            return status_text(HTTPStatus.INTERNAL_SERVER_ERROR)
+            return json_error(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc))
         over = decision.overall is Code.OVER_LIMIT
         status = HTTPStatus.TOO_MANY_REQUESTS if over else HTTPStatus.OK
         return web.Response(

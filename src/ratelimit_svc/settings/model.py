@@ -310,6 +310,13 @@ class Settings(_Group):
     runtime_watch_root: Annotated[
         Bool, Doc("watch the root's symlink swap (`true`) or the directory itself (`false`)")
     ] = True
+    runtime_ignore_patterns: Annotated[
+        List,
+        Doc(
+            "ours: file names (globs) neither loaded nor watched, e.g. editors' "
+            "`*~,*.swp,.#*,4913` (`make run` sets them)"
+        ),
+    ] = ()
     merge_domain_config: Annotated[
         Bool, Doc("merge files that declare the same domain instead of failing")
     ] = False

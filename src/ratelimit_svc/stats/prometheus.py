@@ -2,6 +2,11 @@
 mapping its statsd_exporter applies), each metric bounded to ``max_series`` label sets, in the
 sink's own registry, served by aiohttp on PROMETHEUS_ADDR at PROMETHEUS_PATH
 (docs/observability.md (Prometheus)).
+
+Every family has real HELP text (``HELP``; a fallback naming the stat for anything unlisted); the
+families alerts use are declared at start (at 0) so alerts work before the first event. Beside the
+stats the registry holds ``ratelimit_build_info{version}`` and prometheus_client's
+``ProcessCollector`` (CPU, resident memory, open file descriptors of the serving process).
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.metrics_core import Metric
 
+from ratelimit_svc import __version__
 from ratelimit_svc.errors import SettingsError
 from ratelimit_svc.stats.registry import DEFAULT_MAX_KEYS, PER_KEY_PREFIX, RULE_STATS
 
@@ -28,6 +34,66 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the classic text fo
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 _Labels = tuple[tuple[str, str], ...]
+
+_RULE = "per rate-limit rule (domain and its first two descriptor keys)"
+# HELP text of every family the service writes (docs/observability.md lists them).
+HELP: dict[str, str] = {
+    "ratelimit_service_rate_limit_total_hits": f"Hits counted, {_RULE}.",
+    "ratelimit_service_rate_limit_over_limit": f"Hits answered OVER_LIMIT, {_RULE}.",
+    "ratelimit_service_rate_limit_near_limit": (
+        f"Hits above NEAR_LIMIT_RATIO of the limit, {_RULE}."
+    ),
+    "ratelimit_service_rate_limit_within_limit": f"Hits within the limit, {_RULE}.",
+    "ratelimit_service_rate_limit_shadow_mode": (
+        f"Hits over the limit of a shadow-mode rule (answered OK), {_RULE}."
+    ),
+    "ratelimit_service_rate_limit_over_limit_with_local_cache": (
+        f"Over-limit hits answered from the local cache without a backend call, {_RULE}."
+    ),
+    "ratelimit_service_rate_limit_domain_not_found": "Descriptors for a domain with no rules.",
+    "ratelimit_service_should_rate_limit_error": (
+        "ShouldRateLimit calls that failed: err_type redis_error (the backend failed or its "
+        "circuit breaker rejected the call) or service_error (anything else)."
+    ),
+    "ratelimit_service_total_requests": "RPCs received, by gRPC method.",
+    "ratelimit_service_response_time_seconds": "Time to answer an RPC, by gRPC method.",
+    "ratelimit_service_config_load_success": "Rule configurations loaded and swapped in.",
+    "ratelimit_service_config_load_error": (
+        "Rule configurations rejected (the previous one stays in force)."
+    ),
+    "ratelimit_service_global_shadow_mode": (
+        "Requests over a limit answered OK because SHADOW_MODE is on."
+    ),
+    "ratelimit_redis_pool_cx_active": "Open connections to the Redis backend.",
+    "ratelimit_redis_pool_cx_total": "Connections opened to the Redis backend.",
+    "ratelimit_redis_pool_cx_local_close": "Connections to the Redis backend closed by us.",
+    "ratelimit_backend_breaker_open": (
+        "1 while the backend circuit breaker is open or half-open, else 0."
+    ),
+    "ratelimit_backend_breaker_in_flight": "Backend calls in flight.",
+    "ratelimit_backend_breaker_opened": "Times the backend circuit breaker opened.",
+    "ratelimit_backend_breaker_rejected": "Backend calls failed fast by the open breaker.",
+    "ratelimit_backend_breaker_overloaded": (
+        "Backend calls refused because BACKEND_MAX_IN_FLIGHT calls were in flight."
+    ),
+    "ratelimit_localcache_hitCount": "Local over-limit cache lookups that found the key.",
+    "ratelimit_localcache_missCount": "Local over-limit cache lookups that missed.",
+    "ratelimit_localcache_lookupCount": "Local over-limit cache lookups.",
+    "ratelimit_localcache_entryCount": "Keys in the local over-limit cache.",
+    "ratelimit_localcache_evacuateCount": "Keys evicted from the local cache to stay in its size.",
+    "ratelimit_localcache_expiredCount": "Keys dropped from the local cache as their window ended.",
+    "ratelimit_localcache_overwriteCount": "Local cache entries overwritten.",
+    "ratelimit_localcache_averageAccessTime": "Not measured by this service (always 0).",
+    "ratelimit_build_info": "The running ratelimit-svc version (the value is always 1).",
+}
+# Declared at start, so that they are exported (and alertable) before their first event.
+_DECLARED: tuple[tuple[str, str, _Labels], ...] = (
+    ("ratelimit_service_config_load_success", "counter", ()),
+    ("ratelimit_service_config_load_error", "counter", ()),
+    ("ratelimit_service_should_rate_limit_error", "counter", (("err_type", "redis_error"),)),
+    ("ratelimit_service_should_rate_limit_error", "counter", (("err_type", "service_error"),)),
+    ("ratelimit_service_total_requests", "counter", (("grpc_method", "ShouldRateLimit"),)),
+)
 
 
 def _go_float(value: float) -> str:
@@ -112,6 +178,13 @@ class PrometheusSink:
         self._families: dict[str, _Family] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)  # a Collector by duck typing
+        # This process's CPU, memory and descriptors (read from /proc; nothing on other systems).
+        ProcessCollector(registry=self.registry)
+        self._series("ratelimit_build_info", "gauge", (("version", __version__),))[
+            (("version", __version__),)
+        ] = 1.0
+        for metric, kind, labels in _DECLARED:
+            self._series(metric, kind, labels).setdefault(labels, 0.0)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -143,7 +216,8 @@ class PrometheusSink:
     ) -> OrderedDict[_Labels, float | _Histogram]:
         family = self._families.get(metric)
         if family is None:
-            family = self._families[metric] = _Family(kind, f"ratelimit stat {metric}")
+            help_text = HELP.get(metric, f"The service's stat {metric} (docs/observability.md).")
+            family = self._families[metric] = _Family(kind, help_text)
         series = family.series
         if labels in series:
             series.move_to_end(labels)
@@ -182,8 +256,11 @@ class PrometheusSink:
             self.before_scrape()
         out: list[str] = []
         for metric in self.registry.collect():
-            out.append(f"# HELP {metric.name} {_escape_help(metric.documentation)}\n")
-            out.append(f"# TYPE {metric.name} {metric.type}\n")
+            name = metric.name
+            if metric.type == "counter" and any(s.name == f"{name}_total" for s in metric.samples):
+                name += "_total"  # prometheus_client's own counters (process_cpu_seconds_total)
+            out.append(f"# HELP {name} {_escape_help(metric.documentation)}\n")
+            out.append(f"# TYPE {name} {metric.type}\n")
             for sample in metric.samples:
                 labels = ",".join(
                     f'{k}="{_escape_label(v)}"' for k, v in sorted(sample.labels.items())

@@ -73,9 +73,16 @@ async def open_redis_store(
                         f"{exc} (gave up after {attempt} attempts in {elapsed:.3g}s)"
                     ) from None
                 delay = min(interval, remaining) if startup_max_elapsed > 0 else interval
-                log.warning(
-                    "redis not ready (attempt %d): %s; retrying in %.3gs", attempt, exc, delay
+                limit = (
+                    f"giving up {remaining:.3g}s from now"
+                    if startup_max_elapsed > 0
+                    else "no time limit: REDIS_STARTUP_MAX_ELAPSED_TIME sets one"
                 )
+                log.warning(
+                    "redis not ready (attempt %d): %s; waiting for %s to answer PING before "
+                    "serving, next try in %.3gs (%s)",
+                    attempt, exc, store.address, delay, limit,
+                )  # fmt: skip
                 await sleep(delay)
                 slept += delay
                 interval = min(interval * 2, startup_max_interval)

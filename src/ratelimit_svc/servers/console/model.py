@@ -23,10 +23,10 @@ from typing import Any
 from google.protobuf import json_format
 
 from ratelimit_svc.backends.latency import LatencyRecorder
-from ratelimit_svc.config.files import config_paths
+from ratelimit_svc.config.files import RuntimeLocation, config_paths
 from ratelimit_svc.config.rules import Node, RateLimitConfig, Rule
 from ratelimit_svc.config.status import ConfigStatus
-from ratelimit_svc.errors import BackendError, NoConfigError, RequestError
+from ratelimit_svc.errors import BackendError, ConfigError, NoConfigError, RequestError
 from ratelimit_svc.limiter.hotkeys import HotKey, HotKeys
 from ratelimit_svc.limiter.limiter import Limiter
 from ratelimit_svc.limiter.matching import explain
@@ -208,7 +208,14 @@ class Console:
             "type": "file",
             "directory": None if directory is None else str(directory),
             "files": [] if directory is None else list_files(
-                directory, ignore_dotfiles=settings.runtime_ignoredotfiles
+                directory,
+                RuntimeLocation(
+                    settings.runtime_root,
+                    settings.runtime_subdirectory,
+                    settings.runtime_appdirectory,
+                    settings.runtime_ignoredotfiles,
+                    settings.runtime_ignore_patterns,
+                ),
             ),
         }
 
@@ -326,11 +333,15 @@ def _why(known: bool, found: Any, steps: list[Any], override: bool) -> str:
     return "no match, or replaced by another descriptor's rule (replaces)"
 
 
-def list_files(directory: Path, *, ignore_dotfiles: bool = False) -> list[dict[str, Any]]:
+def list_files(directory: Path, location: RuntimeLocation) -> list[dict[str, Any]]:
     """The config files below ``directory``, as the loader finds them, with their modification
     times (at most MAX_LISTED_FILES; a file that vanishes meanwhile is left out)."""
     found: list[dict[str, Any]] = []
-    for name, path in config_paths(directory, ignore_dotfiles=ignore_dotfiles):
+    try:
+        paths = config_paths(directory, location=location)
+    except ConfigError:
+        return found  # the load's own error says why (the status panel shows it)
+    for name, path in paths:
         try:
             mtime = path.stat().st_mtime
         except OSError:
