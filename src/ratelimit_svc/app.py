@@ -23,6 +23,7 @@ from ratelimit_svc.backends.latency import LatencyRecorder, TimedStore
 from ratelimit_svc.config.build import fixed_windows_only
 from ratelimit_svc.config.files import RuntimeLocation
 from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.config.snapshot import encode, release
 from ratelimit_svc.config.source import ConfigSource, FileSource
 from ratelimit_svc.config.status import ConfigStatus
 from ratelimit_svc.config.xds import XdsConfigClient
@@ -119,6 +120,7 @@ def config_source(settings: Settings) -> ConfigSource:
         settings.runtime_appdirectory,
         settings.runtime_ignoredotfiles,
         settings.runtime_ignore_patterns,
+        settings.config_max_file_bytes,
     )
     return FileSource(
         location,
@@ -159,6 +161,8 @@ class App:
         self._span_exporter = span_exporter
         self.health = Health(require_config=settings.healthy_with_at_least_one_config_loaded)
         self._config: RateLimitConfig | None = None
+        self._pickled: tuple[RateLimitConfig | None, bytes] | None = None  # see pickled_config
+        self._releasing: set[asyncio.Task[None]] = set()
         self.store: CounterStore | None = None
         self.grpc: GrpcServer | None = None
         self.http: Listener | None = None
@@ -181,14 +185,37 @@ class App:
     @config.setter
     def config(self, config: RateLimitConfig | None) -> None:
         """The one reference swap of a reload (any source); health follows it."""
-        self._config = config
+        old, self._config = self._config, config
+        if old is not None and old is not config:
+            self._spawn_release(old)
         self.health.set_config_loaded(config is not None and bool(config.domains))
         for hook in self.hooks:
             hook.config_changed(config)
 
+    def _spawn_release(self, old: RateLimitConfig) -> None:
+        """Free the replaced config in steps (config/snapshot.py), from a task owned here."""
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing can stall
+            task = asyncio.get_running_loop().create_task(release(old), name="release-config")
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
+    async def pickled_config(self) -> bytes:
+        """The current config encoded (config/snapshot.py), as worker processes are sent it: the
+        load process's own encoding after a file load, else encoded in a thread."""
+        config = self._config
+        if self._pickled is None or self._pickled[0] is not config:
+            encoded = await asyncio.to_thread(encode, config)
+            self._pickled = (config, encoded)
+            return encoded
+        return self._pickled[1]
+
     # -- the ConfigSink of config/source.py -------------------------------------------------------
 
-    def loaded(self, config: RateLimitConfig, detail: str = "") -> None:
+    def loaded(
+        self, config: RateLimitConfig, detail: str = "", *, pickled: bytes | None = None
+    ) -> None:
+        if pickled is not None and self.hooks:  # worker processes are sent this very pickle
+            self._pickled = (config, pickled)
         self.config = config
         source = self.source
         if isinstance(source, XdsConfigClient):
@@ -269,7 +296,10 @@ class App:
             ops.push_async_callback(cancel_and_wait, task)
         if not self.operator_ports:
             return
-        self.http = await start_http_server(self.service, self.health, settings.host, settings.port)
+        self.http = await start_http_server(
+            self.service, self.health, settings.host, settings.port,
+            idle_timeout=settings.http_idle_timeout,
+        )  # fmt: skip
         ops.push_async_callback(self.http.close)
         self.console = console = Console(
             settings,
@@ -377,7 +407,8 @@ class App:
 
 
 async def serve(settings: Settings, app_factory: Callable[[Settings], App] = App) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully (exit 0); a second signal forces exit.
+    """Run until SIGTERM/SIGINT/SIGHUP, then shut down gracefully (exit 0); a second signal
+    forces exit. SIGUSR1 logs a status line, SIGUSR2 is ignored (docs/reliability.md).
 
     The handlers are installed before startup: a signal while the backend is still being waited
     for cancels the startup, and one that arrives during it is never the default (kill) action.
@@ -388,7 +419,7 @@ async def serve(settings: Settings, app_factory: Callable[[Settings], App] = App
     signals_seen = 0
     first_signal_at = 0.0
 
-    def on_signal() -> None:
+    def on_signal(sig: signal.Signals) -> None:
         nonlocal signals_seen, first_signal_at
         signals_seen += 1
         if signals_seen > 1:
@@ -399,16 +430,31 @@ async def serve(settings: Settings, app_factory: Callable[[Settings], App] = App
             log.warning("second signal: exiting now")
             os._exit(1)
         first_signal_at = time.monotonic()
-        log.warning("signal received: shutting down")
+        log.warning("signal received: shutting down (%s)", sig.name)
         app.stop()
         if starting is not None:
             starting.cancel()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    started_at = time.monotonic()
+
+    def on_status() -> None:
+        config = app.config
+        log.warning(
+            "status (SIGUSR1): pid %d, %s, %s, up %ds",
+            os.getpid(),
+            "healthy" if app.health.healthy else "not healthy",
+            "no config" if config is None else f"{len(config.domains)} domains",
+            time.monotonic() - started_at,
+        )
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGUSR1, on_status)
+    loop.add_signal_handler(signal.SIGUSR2, log.debug, "SIGUSR2 ignored")
     try:
         async with app:
             starting = None  # started: from now on the signal drains instead of cancelling
+            log.info("started (pid %d)", os.getpid())
             # What startup built lives as long as the process: keep the collector from scanning
             # it again, so a full collection never pauses requests for milliseconds.
             gc.freeze()

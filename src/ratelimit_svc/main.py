@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -216,15 +218,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def raise_open_file_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, as Go programs do at startup: every connection
+    is a file descriptor, and the common soft limit of 1024 is a few busy clients away."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel's own ceiling then
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+            return
+        log.info("raised the open-file limit (RLIMIT_NOFILE) from %d to %d", soft, target)
+    else:
+        log.info("open-file limit (RLIMIT_NOFILE): %d", soft)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console script ``ratelimit``: configured only by environment variables."""
     parse_args(argv)
+    # Until the event loop handles them (app.serve), and for good in the processes it never runs
+    # in (the fork server, config loads): a stray SIGHUP/SIGUSR1/SIGUSR2 must not kill them.
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         settings = Settings.from_env(os.environ)
     except SettingsError as exc:
         print(f"ratelimit: {exc}", file=sys.stderr)
         sys.exit(1)
     configure_logging(settings)
+    raise_open_file_limit()
     try:
         run(settings, os.environ)  # WORKERS processes (one: just serve(settings))
     except RateLimitSvcError as exc:

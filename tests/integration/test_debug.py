@@ -33,7 +33,7 @@ descriptors:
 @pytest.fixture
 async def app(tmp_path: Path) -> AsyncIterator[App]:
     runtime, _ = config_dir_env(tmp_path, RULES)
-    env = base_env(**runtime, REDIS_AUTH="user:s3cret-password")
+    env = base_env(**runtime, REDIS_AUTH="user:s3cret-password", DEBUG_PROFILING_ENABLED="true")
     async with App(Settings.from_env(env)) as running:
         yield running
 
@@ -127,6 +127,49 @@ async def test_tracemalloc_starts_on_demand_and_lists_top_sites(debug: aiohttp.C
         assert not tracemalloc.is_tracing()
     finally:
         tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "start=1&frames=70000", "start=1&frames=65535", "start=1&frames=101", "start=1&frames=0",
+        "start=1&frames=-1", "start=1&frames=%C2%B2", "start=1&frames=1e3", "start=1&frames=" + "9" * 40,
+    ],
+)
+async def test_tracemalloc_parameters_out_of_range_are_400(debug: aiohttp.ClientSession, query: str) -> None:
+    try:
+        async with debug.get(f"/debug/tracemalloc?{query}") as response:
+            assert response.status == 400, await response.text()
+            assert "frames must be an integer from 1 to 100" in await response.text()
+        assert not tracemalloc.is_tracing()
+    finally:
+        tracemalloc.stop()
+
+
+async def test_tracemalloc_limit_is_bounded(debug: aiohttp.ClientSession) -> None:
+    try:
+        await get(debug, "/debug/tracemalloc?start=1&frames=100")
+        for limit in ("0", "1001", "\u0661"):
+            async with debug.get("/debug/tracemalloc", params={"limit": limit}) as response:
+                assert response.status == 400, await response.text()
+        assert "top 1000 by lineno:" in await get(debug, "/debug/tracemalloc?limit=1000")
+    finally:
+        tracemalloc.stop()
+
+
+async def test_profiling_endpoints_are_off_by_default(tmp_path: Path) -> None:
+    runtime, _ = config_dir_env(tmp_path, RULES)
+    async with App(Settings.from_env(base_env(**runtime))) as app:
+        assert app.debug is not None
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{app.debug.port}") as debug:
+            for path in ("/debug/tasks", "/debug/threads", "/debug/tracemalloc?start=1&frames=65535"):
+                async with debug.get(path) as response:
+                    assert response.status == 403
+                    assert "set DEBUG_PROFILING_ENABLED=true" in await response.text()
+            assert not tracemalloc.is_tracing()
+            index = await get(debug, "/")
+            assert "/debug/tracemalloc: off (DEBUG_PROFILING_ENABLED=false)" in index.splitlines()
+            assert "basic.key1" in await get(debug, "/rlconfig")
 
 
 async def test_logs_the_listening_address(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

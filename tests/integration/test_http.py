@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,46 @@ async def test_json_backend_down_is_503(tmp_path: Path, redis_db: RedisServer) -
             status, text = await post_json(http, BASIC)
     assert status == 503
     assert json.loads(text)["error"] == "Service Unavailable"
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (something no event announces) until true; fail after 15 s."""
+    for _ in range(1500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not true within 15 s")
+
+
+def awaits_in(task: asyncio.Task[Any], function: str) -> bool:
+    """Whether ``task`` is suspended somewhere inside ``function``."""
+    coro: Any = task.get_coro()
+    while coro is not None:
+        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+        if code is not None and code.co_name == function:
+            return True
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return False
+
+
+async def test_an_aborted_upload_is_one_debug_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that goes away mid-body is its own business: no ERROR, no traceback."""
+    runtime, _ = config_dir_env(tmp_path)
+    with caplog.at_level(logging.DEBUG):
+        async with App(Settings.from_env(base_env(**runtime))) as app:
+            assert app.http is not None
+            _, writer = await asyncio.open_connection("127.0.0.1", app.http.port)
+            writer.write(b"POST /json HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"domain\":")
+            await writer.drain()
+            # Until the handler waits for the rest of the body; then the client goes away.
+            await eventually(lambda: any(awaits_in(t, "json_endpoint") for t in asyncio.all_tasks()))
+            writer.transport.abort()
+            await eventually(lambda: any("connection lost" in r.getMessage() for r in caplog.records))
+    lost = [r for r in caplog.records if "connection lost" in r.getMessage()]
+    assert [(r.levelno, r.name) for r in lost] == [(logging.DEBUG, "ratelimit_svc.servers.http_api")]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 async def test_logs_the_listening_address(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

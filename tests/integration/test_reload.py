@@ -201,6 +201,30 @@ async def test_directory_mode_moves(dir_app: App, config_dir: Path, tmp_path: Pa
     assert served(dir_app) == {"alpha": 6}
 
 
+@pytest.mark.parametrize("level", ["config", "ratelimit"])
+async def test_a_directory_replaced_by_rename_is_followed(
+    dir_app: App, tmp_path: Path, level: str
+) -> None:
+    """``mv config config.old && mv new config`` (or one level up): the new directory is
+    loaded, and later edits inside it are seen (docs/reliability.md)."""
+    replaced = tmp_path / "runtime" / "ratelimit"
+    if level == "config":
+        replaced = replaced / "config"
+    new = tmp_path / "new"
+    config_inside_new = new if level == "config" else new / "config"
+    write(config_inside_new / "a.yaml", rules("alpha", per_minute=4))
+
+    def swap() -> None:
+        os.rename(replaced, tmp_path / "old")
+        os.rename(new, replaced)
+
+    await change_and_wait(dir_app, swap)
+    assert served(dir_app) == {"alpha": 4}
+    config_dir = tmp_path / "runtime" / "ratelimit" / "config"
+    await change_and_wait(dir_app, lambda: write(config_dir / "a.yaml", rules("alpha", per_minute=5)))
+    assert served(dir_app) == {"alpha": 5}
+
+
 async def test_directory_mode_chmod_reloads(dir_app: App, config_dir: Path) -> None:
     assert dir_app.source.watcher is not None
     await change_and_wait(dir_app, lambda: os.chmod(config_dir / "a.yaml", 0o600))
@@ -318,14 +342,18 @@ def test_plan_watches_per_mode(tmp_path: Path) -> None:
     config = tmp_path / "current" / "rl" / "config"
     config.mkdir(parents=True)
     location = RuntimeLocation(str(tmp_path / "current"), "rl", "config")
+    # Each directory below the root is watched by name in its parent (a rename replaces it).
+    by_name = [(str(tmp_path / "current"), False, frozenset({"rl"})), (str(config.parent), False, frozenset({"config"}))]
     root_mode = plan_watches(location, watch_root=True)
-    assert [(w.path, w.recursive, w.entries) for w in root_mode] == [
+    assert [(w.path, w.recursive, w.entries) for w in root_mode] == sorted([
         (str(tmp_path), False, frozenset({"current"})),
+        *by_name,
         (str(config), True, None),
-    ]
-    assert [(w.path, w.recursive, w.entries) for w in plan_watches(location, watch_root=False)] == [
-        (str(config), True, None)
-    ]
+    ])  # fmt: skip
+    assert [(w.path, w.recursive, w.entries) for w in plan_watches(location, watch_root=False)] == sorted([
+        *by_name, (str(config), True, None)
+    ])  # fmt: skip
+    assert root_mode[-1].inode == (config.stat().st_dev, config.stat().st_ino)
     missing = RuntimeLocation(str(tmp_path / "nothing" / "here"), "rl", "config")
     assert [(w.path, w.recursive, w.entries) for w in plan_watches(missing, watch_root=False)] == [
         (str(tmp_path), False, frozenset({"nothing"}))

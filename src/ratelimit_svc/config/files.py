@@ -5,16 +5,19 @@ each named by its path relative to that directory (docs/configuration.md (Where 
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ratelimit_svc.config.loader import ConfigFile, load_config
 from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.errors import ConfigError
+from ratelimit_svc.settings.model import CONFIG_MAX_FILE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ class RuntimeLocation:
     appdirectory: str
     ignore_dotfiles: bool = False
     ignore_patterns: tuple[str, ...] = ()  # RUNTIME_IGNORE_PATTERNS
+    max_file_bytes: int = CONFIG_MAX_FILE_BYTES  # CONFIG_MAX_FILE_BYTES (docs/reliability.md)
 
     @property
     def config_dir(self) -> Path | None:
@@ -110,7 +114,8 @@ def config_paths(
             if ignores(filename):
                 continue
             path = Path(current) / filename
-            if path.is_file() and not is_output_file(path, outputs):
+            # _has_mode: an entry that cannot be looked at fails the load (docs/reliability.md)
+            if _has_mode(path, stat.S_ISREG, "file") and not is_output_file(path, outputs):
                 found.append((path.relative_to(directory).as_posix(), path))
     # os.walk yields a directory's files before its subdirectories; order by path components
     # instead (``a/x.yaml`` before ``b.yaml``), as Go's filepath.Walk does.
@@ -119,9 +124,12 @@ def config_paths(
 
 
 def read_config_files(
-    directory: Path, *, location: RuntimeLocation | None = None
+    directory: Path, *, location: RuntimeLocation | None = None, max_file_bytes: int | None = None
 ) -> list[ConfigFile]:
-    """Every file ``config_paths`` lists, read."""
+    """Every file ``config_paths`` lists, read; one larger than ``max_file_bytes`` (default: the
+    location's CONFIG_MAX_FILE_BYTES) fails the load, named (docs/reliability.md)."""
+    if max_file_bytes is None:
+        max_file_bytes = location.max_file_bytes if location else CONFIG_MAX_FILE_BYTES
     problem = _directory_problem(directory)
     if problem == "does not exist":
         log.warning("config directory %s does not exist: no rate limit rules", directory)
@@ -131,12 +139,41 @@ def read_config_files(
     files: list[ConfigFile] = []
     for name, path in config_paths(directory, location=location):
         try:
-            text = path.read_text(encoding="utf-8")
+            text = _read_capped(path, name, max_file_bytes)
         except (OSError, UnicodeDecodeError) as exc:
             message = f"{name}: error loading config file: {exc}"
             raise ConfigError(_with_hint(name, message)) from None
         files.append(ConfigFile(name, text))
     return files
+
+
+def _has_mode(path: Path, test: Callable[[int], bool], what: str) -> bool:
+    """``test`` on the mode of ``path`` (following symlinks); False when nothing is there (a
+    dangling symlink or a symlink loop), ConfigError when it cannot be looked at (no search
+    permission on a directory on the way)."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return False
+        raise ConfigError(f"config {what} {path} cannot be read: {exc.strerror or exc}") from None
+    return test(mode)
+
+
+def _read_capped(path: Path, name: str, max_bytes: int) -> str:
+    """The file's text; refused unread when larger than ``max_bytes`` (checked again while
+    reading, since the file may grow meanwhile)."""
+    too_big = f"{name}: error loading config file: larger than CONFIG_MAX_FILE_BYTES"
+    with path.open("rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        if size > max_bytes:
+            raise ConfigError(f"{too_big} ({size} > {max_bytes} bytes)")
+        data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ConfigError(f"{too_big} ({max_bytes} bytes)")
+    return data.decode("utf-8")
 
 
 def _with_hint(name: str, message: str) -> str:

@@ -7,19 +7,27 @@ See docs/architecture.md (Config sources)."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from typing import Protocol
 
-from ratelimit_svc.config.files import RuntimeLocation, load_from_files
+from ratelimit_svc.config.files import RuntimeLocation
+from ratelimit_svc.config.load_process import load_in_child
 from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.config.watch import ConfigWatcher
 from ratelimit_svc.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class ConfigSink(Protocol):
     """What a source reports to (``App``)."""
 
-    def loaded(self, config: RateLimitConfig, detail: str = "") -> None:
-        """A new config was loaded and validated here: swap it in, count and log it."""
+    def loaded(
+        self, config: RateLimitConfig, detail: str = "", *, pickled: bytes | None = None
+    ) -> None:
+        """A new config was loaded and validated here: swap it in, count and log it
+        (``pickled``: the same config encoded by config/snapshot.py, when the source has it)."""
         ...
 
     def failed(self, error: ConfigError) -> None:
@@ -65,7 +73,7 @@ class FileSource:
         self._stack = contextlib.AsyncExitStack()
 
     async def start(self, sink: ConfigSink) -> None:
-        self.load(sink)
+        await self.load(sink)
         if self._watch:
             self.watcher = await self._stack.enter_async_context(
                 ConfigWatcher(
@@ -73,10 +81,12 @@ class FileSource:
                 )
             )
 
-    def load(self, sink: ConfigSink) -> None:
-        """Load the whole file config once and report the result."""
+    async def load(self, sink: ConfigSink) -> None:
+        """Load the whole file config once, off the event loop (config/load_process.py), and
+        report the result."""
+        started = time.monotonic()
         try:
-            config = load_from_files(
+            loaded = await load_in_child(
                 self.location,
                 merge_domains=self.merge_domains,
                 fixed_windows_only=self.fixed_windows_only,
@@ -84,10 +94,14 @@ class FileSource:
         except ConfigError as exc:
             sink.failed(exc)
             return
-        if config is None:
+        if loaded is None:
             sink.empty("RUNTIME_SUBDIRECTORY is empty: no rate limit configuration is loaded")
             return
-        sink.loaded(config)
+        log.info(
+            "config loaded in %.3fs: %d domains, %d bytes encoded",
+            time.monotonic() - started, len(loaded.config.domains), len(loaded.pickled),
+        )  # fmt: skip
+        sink.loaded(loaded.config, pickled=loaded.pickled)
 
     async def close(self) -> None:
         await self._stack.aclose()

@@ -1,7 +1,8 @@
 """The file watcher (CONFIG_TYPE=FILE): watches what RUNTIME_WATCH_ROOT says with watchdog
 (the root's symlink swap and the config directory, or the config directory alone), coalesces a
 burst of events and asks for one reload per burst, without ever missing a change; a directory that
-does not exist yet is waited for (docs/operations.md (Reload)).
+does not exist yet is waited for, and one replaced by rename followed (docs/operations.md (Reload),
+docs/reliability.md). Each load is awaited (it runs in a child process).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -55,11 +56,16 @@ EVENT_FILTER: list[type[FileSystemEvent]] = [
 
 @dataclass(frozen=True, slots=True)
 class WatchSpec:
-    """Watch ``path``; ``entries`` None = every event, else only events on these child names."""
+    """Watch ``path``; ``entries`` None = every event, else only events on these child names.
+
+    ``inode`` (device, inode) is the directory the watch was planned for: a directory replaced
+    by another under the same name is a different spec, so the watch moves to the new one (an
+    inotify watch follows the inode it was put on, wherever that is renamed to)."""
 
     path: str
     recursive: bool
     entries: frozenset[str] | None
+    inode: tuple[int, int] | None = None
 
 
 def _entry_watch(target: str) -> tuple[str, str]:
@@ -90,17 +96,35 @@ def plan_watches(location: RuntimeLocation, *, watch_root: bool) -> list[WatchSp
         elif (entries := wanted[key]) is not None:
             entries.add(entry)
 
+    root = os.path.abspath(location.root)
     if watch_root:
-        add(*_entry_watch(os.path.abspath(location.root)), recursive=False)
+        add(*_entry_watch(root), recursive=False)
     directory = os.path.abspath(config_dir)
+    # Every directory from below the root down to the config directory, by name in its parent:
+    # one replaced by rename (``mv new config``) is a change, and the next plan watches the new
+    # one (docs/reliability.md).
+    below_root = os.path.relpath(directory, root).split(os.sep)
+    for depth in range(len(below_root)):
+        if below_root[depth] not in (os.curdir, os.pardir):
+            component = os.path.join(root, *below_root[: depth + 1])
+            if os.path.isdir(os.path.dirname(component)):
+                add(*_entry_watch(component), recursive=False)
     if os.path.isdir(directory):
         add(os.path.realpath(directory), None, recursive=True)
     else:
         add(*_entry_watch(directory), recursive=False)
     return [
-        WatchSpec(path, recursive, None if entries is None else frozenset(entries))
+        WatchSpec(path, recursive, None if entries is None else frozenset(entries), _inode(path))
         for (path, recursive), entries in sorted(wanted.items())
     ]
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 class _Handler(FileSystemEventHandler):
@@ -139,7 +163,7 @@ class ConfigWatcher:
         location: RuntimeLocation,
         *,
         watch_root: bool,
-        reload: Callable[[], Any],
+        reload: Callable[[], Awaitable[object]],
         quiet: float = QUIET_SECONDS,
         max_delay: float = MAX_DELAY_SECONDS,
     ) -> None:
@@ -222,7 +246,7 @@ class ConfigWatcher:
             self._replanning = asyncio.ensure_future(asyncio.to_thread(self._replan))
             try:
                 await asyncio.shield(self._replanning)
-                self._reload()
+                await self._reload()
             except Exception:  # a bug, not a bad file (that is the loader's ConfigError)
                 log.exception("unexpected error while reloading the configuration")
             async with self._loaded:

@@ -1,6 +1,12 @@
 """The debug listener on DEBUG_HOST:DEBUG_PORT: the index, ``/rlconfig``, ``/stats``, ``/settings``
 (credentials redacted), and in place of Go's pprof ``/debug/tasks``, ``/debug/threads`` and
 ``/debug/tracemalloc`` (docs/operations.md (Debug port)).
+
+The debug port has no authentication, so what could be turned against the service is off unless
+DEBUG_PROFILING_ENABLED=true: the three ``/debug/`` endpoints answer 403 (tracing every allocation
+with deep stacks cuts throughput several times over; a task dump of a busy service is large).
+Every parameter is bounded: a value out of range is a 400 naming it, never a 500
+(docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import sys
 import threading
 import traceback
@@ -46,21 +53,27 @@ ENDPOINTS = {
         "?limit=N (default 25), ?key=lineno|filename|traceback"
     ),
 }
+PROFILING = frozenset({"/debug/tasks", "/debug/threads", "/debug/tracemalloc"})
 DEFAULT_TRACEMALLOC_LIMIT = 25
+MAX_TRACEMALLOC_LIMIT = 1000
 DEFAULT_TRACEMALLOC_FRAMES = 10
+MAX_TRACEMALLOC_FRAMES = 100
 _KEY_TYPES = ("lineno", "filename", "traceback")
+_DIGITS = re.compile(r"[0-9]{1,9}")
 
 
 def _text(body: str) -> web.Response:
     return web.Response(text=body)
 
 
-def _int_param(request: web.Request, name: str, default: int) -> int:
+def _int_param(request: web.Request, name: str, default: int, maximum: int) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise web.HTTPBadRequest(text=f"{name} must be a positive integer, got {raw!r}\n")
+    if not _DIGITS.fullmatch(raw) or not 1 <= int(raw) <= maximum:
+        raise web.HTTPBadRequest(
+            text=f"{name} must be an integer from 1 to {maximum}, got {raw[:20]!r}\n"
+        )
     return int(raw)
 
 
@@ -186,9 +199,18 @@ def build_debug_app(
     console: Console | None = None,
     peek: PeekFn | None = None,
 ) -> web.Application:
+    profiling = settings.debug_profiling_enabled
+
     async def index(request: web.Request) -> web.Response:
         endpoints = {**ENDPOINTS, **({"/debug/peek": PEEK_HELP} if peek is not None else {})}
-        return _text("".join(f"{path}: {help_}\n" for path, help_ in sorted(endpoints.items())))
+        return _text(
+            "".join(
+                f"{path}: {help_}\n"
+                if profiling or path not in PROFILING
+                else f"{path}: off (DEBUG_PROFILING_ENABLED=false)\n"
+                for path, help_ in sorted(endpoints.items())
+            )
+        )
 
     async def rlconfig(request: web.Request) -> web.Response:
         current = config()
@@ -211,7 +233,9 @@ def build_debug_app(
             tracemalloc.stop()
             return _text("tracemalloc stopped\n")
         if "start" in request.query:
-            frames = _int_param(request, "frames", DEFAULT_TRACEMALLOC_FRAMES)
+            frames = _int_param(
+                request, "frames", DEFAULT_TRACEMALLOC_FRAMES, MAX_TRACEMALLOC_FRAMES
+            )
             if tracemalloc.is_tracing():
                 return _text(
                     f"tracemalloc already tracing ({tracemalloc.get_traceback_limit()} frames)\n"
@@ -226,20 +250,26 @@ def build_debug_app(
                 "tracemalloc is not tracing: GET /debug/tracemalloc?start=1 to start it "
                 "(or run with PYTHONTRACEMALLOC=N)\n"
             )
-        limit = _int_param(request, "limit", DEFAULT_TRACEMALLOC_LIMIT)
+        limit = _int_param(request, "limit", DEFAULT_TRACEMALLOC_LIMIT, MAX_TRACEMALLOC_LIMIT)
         key_type = request.query.get("key", "lineno")
         if key_type not in _KEY_TYPES:
             raise web.HTTPBadRequest(text=f"key must be one of {', '.join(_KEY_TYPES)}\n")
         return _text(await asyncio.to_thread(tracemalloc_top, limit, key_type))
+
+    async def off(request: web.Request) -> web.Response:
+        return web.Response(
+            status=403,
+            text=f"{request.path} is off: set DEBUG_PROFILING_ENABLED=true to enable it\n",
+        )
 
     app = web.Application()
     app.router.add_get("/", index)
     app.router.add_get("/rlconfig", rlconfig)
     app.router.add_get("/stats", stats_endpoint)
     app.router.add_get("/settings", settings_endpoint)
-    app.router.add_get("/debug/tasks", tasks)
-    app.router.add_get("/debug/threads", threads)
-    app.router.add_get("/debug/tracemalloc", tracemalloc_endpoint)
+    app.router.add_get("/debug/tasks", tasks if profiling else off)
+    app.router.add_get("/debug/threads", threads if profiling else off)
+    app.router.add_get("/debug/tracemalloc", tracemalloc_endpoint if profiling else off)
     if console is not None:
         add_console_routes(app, console)
     if peek is not None:
@@ -256,7 +286,12 @@ async def start_debug_server(
 ) -> Listener:
     app = build_debug_app(settings, config, stats, console, peek)
     listener = await start_listener(
-        app, settings.debug_host, settings.debug_port, what="debug", setting="DEBUG_HOST/DEBUG_PORT"
+        app,
+        settings.debug_host,
+        settings.debug_port,
+        what="debug",
+        setting="DEBUG_HOST/DEBUG_PORT",
+        idle_timeout=settings.http_idle_timeout,
     )
     log.warning("Listening for debug on '%s'", listener.address)
     return listener

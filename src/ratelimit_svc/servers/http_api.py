@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # In-flight requests get this long to finish when the listener closes (as gRPC's grace).
 SHUTDOWN_TIMEOUT_SECONDS = 5.0
+IDLE_TIMEOUT_SECONDS = 60.0  # the HTTP_IDLE_TIMEOUT default
 
 
 @dataclass
@@ -60,10 +61,23 @@ def cannot_listen(what: str, setting: str, host: str, port: int | str, exc: Base
 
 
 async def start_listener(
-    app: web.Application, host: str, port: int, *, what: str = "HTTP", setting: str = "HOST/PORT"
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    what: str = "HTTP",
+    setting: str = "HOST/PORT",
+    idle_timeout: float = IDLE_TIMEOUT_SECONDS,
 ) -> Listener:
-    """Listen on ``host:port``; a port in use is a SettingsError naming ``setting``."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
+    """Listen on ``host:port``; a port in use is a SettingsError naming ``setting``.
+    ``idle_timeout``: a connection with no request in flight for this long is closed, from its
+    first byte on (HTTP_IDLE_TIMEOUT; aiohttp's own default is an hour)."""
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
+        keepalive_timeout=idle_timeout,
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_port=False)
@@ -100,7 +114,11 @@ def build_http_app(service: RateLimitService, health: Health) -> web.Application
         return web.Response(status=HTTPStatus.INTERNAL_SERVER_ERROR)
 
     async def json_endpoint(request: web.Request) -> web.Response:
-        body = await request.read()
+        try:
+            body = await request.read()
+        except ConnectionError as exc:  # the client went away mid-upload: nothing to answer
+            log.debug("/json: connection lost while reading the request body: %s", exc)
+            return json_error(HTTPStatus.BAD_REQUEST, "the request body was cut short")
         message = rls_pb2.RateLimitRequest()
         try:
             json_format.Parse(body, message)
@@ -137,8 +155,15 @@ def build_http_app(service: RateLimitService, health: Health) -> web.Application
 
 
 async def start_http_server(
-    service: RateLimitService, health: Health, host: str, port: int
+    service: RateLimitService,
+    health: Health,
+    host: str,
+    port: int,
+    *,
+    idle_timeout: float = IDLE_TIMEOUT_SECONDS,
 ) -> Listener:
-    listener = await start_listener(build_http_app(service, health), host, port)
+    listener = await start_listener(
+        build_http_app(service, health), host, port, idle_timeout=idle_timeout
+    )
     log.warning("Listening for HTTP on '%s'", listener.address)
     return listener

@@ -43,6 +43,8 @@ from ratelimit_svc.settings.parse import (
 )
 
 HOUR = 3600.0
+# A config file larger than this is refused before it is parsed (docs/reliability.md).
+CONFIG_MAX_FILE_BYTES = 16 * 1024 * 1024
 REDIS_URL = "/var/run/nutcracker/ratelimit.sock"
 REDIS_PERSECOND_URL = "/var/run/nutcracker/ratelimitpersecond.sock"
 
@@ -274,6 +276,14 @@ class Settings(_Group):
     port: Annotated[Port, Doc("HTTP port")] = 8080
     debug_host: Annotated[Text, Doc("debug listener (`/rlconfig`, `/stats`, ...)")] = "0.0.0.0"
     debug_port: Annotated[Port, Doc("debug port")] = 6070
+    debug_profiling_enabled: Annotated[
+        Bool, Doc("ours: serve `/debug/tasks`, `/debug/threads`, `/debug/tracemalloc`")
+    ] = False
+    http_idle_timeout: Annotated[
+        float,
+        within(seconds, 0.0, above=True),
+        Doc("ours: close an HTTP or debug connection idle this long"),
+    ] = 60.0
     grpc_host: Annotated[Text, Doc("gRPC listener")] = "0.0.0.0"
     grpc_port: Annotated[Port, Doc("gRPC port")] = 8081
     grpc_uds: Annotated[Text, Doc("a unix socket path to serve gRPC on instead")] = ""
@@ -317,6 +327,9 @@ class Settings(_Group):
             "`*~,*.swp,.#*,4913` (`make run` sets them)"
         ),
     ] = ()
+    config_max_file_bytes: Annotated[
+        int, within(integer, 1), Doc("ours: a larger config file fails the load, named")
+    ] = CONFIG_MAX_FILE_BYTES
     merge_domain_config: Annotated[
         Bool, Doc("merge files that declare the same domain instead of failing")
     ] = False

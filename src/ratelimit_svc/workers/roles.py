@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from ratelimit_svc.app import STOP_GRACE_SECONDS, App, AppHook, cancel_and_wait, serve
 from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.config.snapshot import decode
 from ratelimit_svc.config.source import ConfigSink
 from ratelimit_svc.logsetup import configure_logging
 from ratelimit_svc.servers.console.model import process_summary
@@ -66,7 +67,7 @@ class _PrimaryHook(AppHook):
         self.stats = stats
 
     async def started(self, app: App) -> None:
-        self.pool.attach(lambda: app.config, self.stats)
+        self.pool.attach(app.pickled_config, self.stats)
         app.peer_reports = self.pool.console_reports  # the console's line per worker
         # After the primary's own listeners stopped, before the store and the final stats flush
         # (so the workers' last reports are in it).
@@ -106,7 +107,8 @@ async def _serve_worker(settings: Settings, index: int, sock: socket.socket) -> 
     message = await link.receive()
     if message is None or message[0] != "config":
         return  # the primary is gone before it sent anything
-    await serve(settings, app_factory=lambda s: worker_app(s, link, message[1]))
+    config = await decode(message[1])
+    await serve(settings, app_factory=lambda s: worker_app(s, link, config))
 
 
 def worker_app(settings: Settings, link: Link, config: RateLimitConfig | None) -> App:
@@ -163,7 +165,7 @@ class PrimaryLink(AppHook):
     async def _listen(self, app: App) -> None:
         while (message := await self.link.receive()) is not None:
             if message[0] == "config":
-                self._sink.adopted(message[1])
+                self._sink.adopted(await decode(message[1]))
             elif message[0] == "stop":
                 app.stop()
         app.stop()  # the primary is gone: drain and exit rather than serve orphaned

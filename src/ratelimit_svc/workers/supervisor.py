@@ -14,7 +14,7 @@ import pickle
 import socket
 import struct
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Protocol
 
 from ratelimit_svc.config.rules import RateLimitConfig
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 RESTART_DELAY = 1.0  # before replacing a worker that died
 STOP_MARGIN = 10.0  # beyond drain and grace, how long the primary waits for workers to exit
 _FRAME = struct.Struct("!I")
+# A message larger than this (a config) is unpickled in a thread, not on the event loop.
+_THREAD_UNPICKLE_BYTES = 64 * 1024
 _STATUS_UNKNOWN = 255  # multiprocessing's exit code for a worker whose fork server has gone
 
 
@@ -126,19 +128,25 @@ class Link:
         return cls(reader, writer)
 
     def send(self, message: tuple[Any, ...]) -> None:
-        """Queue ``message``; never blocks (the transport buffers)."""
+        """Queue ``message``; never blocks (the transport buffers). A config travels as bytes
+        pickled beforehand (``App.pickled_config``): pickling it here would be the whole tree."""
         if self._writer.is_closing():
             return
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self._writer.write(_FRAME.pack(len(data)) + data)
+        self._writer.write(_FRAME.pack(len(data)))
+        self._writer.write(data)
 
     async def receive(self) -> tuple[Any, ...] | None:
         """The next message, or None once the other end has closed."""
         try:
             (size,) = _FRAME.unpack(await self._reader.readexactly(_FRAME.size))
-            message: tuple[Any, ...] = pickle.loads(await self._reader.readexactly(size))
+            data = await self._reader.readexactly(size)
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
+        if size > _THREAD_UNPICKLE_BYTES:
+            message: tuple[Any, ...] = await asyncio.to_thread(pickle.loads, data)
+        else:
+            message = pickle.loads(data)
         return message
 
     async def close(self) -> None:
@@ -181,7 +189,8 @@ class WorkerPool:
         self._sockets: dict[int, socket.socket] = {}  # the primary's end, until linked
         self._links: dict[int, Link] = {}
         self._ready: set[int] = set()
-        self._current_config: Callable[[], RateLimitConfig | None] | None = None
+        self._pickled_config: Callable[[], Awaitable[bytes]] | None = None
+        self._publishing = asyncio.Lock()  # configs reach each link in the order swapped in
         self._aggregate: Aggregate | None = None
         # worker index -> its last console report (backend line, hot keys; docs/console.md)
         self.console_reports: dict[int, dict[str, Any]] = {}
@@ -211,27 +220,37 @@ class WorkerPool:
 
     # -- running inside the primary's event loop --
 
-    def attach(
-        self, current_config: Callable[[], RateLimitConfig | None], aggregate: Aggregate
-    ) -> None:
-        """Start talking to the workers: each gets the current config (then every one passed to
-        ``publish_config``) and sends its stats to ``aggregate``."""
-        self._current_config = current_config
+    def attach(self, pickled_config: Callable[[], Awaitable[bytes]], aggregate: Aggregate) -> None:
+        """Start talking to the workers: each gets the current config (``pickled_config()``,
+        then again after each ``publish_config``) and sends its stats to ``aggregate``."""
+        self._pickled_config = pickled_config
         self._aggregate = aggregate
         for index in list(self._processes):
             self._watch(index)
 
     def _watch(self, index: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve_link(index), name=f"link-{index}")
+        self._own(self._serve_link(index), f"link-{index}")
+
+    def _own(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _send_config(self, links: Callable[[], Iterable[Link]]) -> None:
+        """Send the current config to ``links()``: pickled off the event loop, and in order
+        (a newer config waits for the lock, so it always arrives after an older one)."""
+        assert self._pickled_config is not None
+        async with self._publishing:
+            pickled = await self._pickled_config()
+            for link in links():
+                link.send(("config", pickled))
+
     async def _serve_link(self, index: int) -> None:
-        assert self._aggregate is not None and self._current_config is not None
+        assert self._aggregate is not None
         aggregate = self._aggregate
         link = await Link.open(self._sockets.pop(index))
         self._links[index] = link
-        link.send(("config", self._current_config()))
+        await self._send_config(lambda: [link])
         try:
             while (message := await link.receive()) is not None:
                 if message[0] == "stats":
@@ -289,8 +308,12 @@ class WorkerPool:
             self._all_exited.set()
 
     def publish_config(self, config: RateLimitConfig | None) -> None:
-        for link in self._links.values():
-            link.send(("config", config))
+        """A config was swapped in: send it to every worker (from a task: pickling a big
+        config, when the loader has not, takes a while). Before ``attach`` there is no link
+        yet: each gets the config current when it opens."""
+        if self._pickled_config is None:
+            return
+        self._own(self._send_config(lambda: list(self._links.values())), "publish-config")
 
     def stop(self) -> None:
         """Tell every worker to drain and exit (a message, not a signal: a worker that also got

@@ -1,0 +1,141 @@
+"""Loading the file config in a child process, so that a reload never stalls serving.
+
+Reading, parsing, validating and building the rule tree of a big config takes seconds of CPU and
+hundreds of MB of short-lived YAML nodes. ``load_in_child`` runs all of it in a process forked
+from multiprocessing's fork server (never forked from this process, whose gRPC threads do not
+survive a fork), at a lower CPU priority, which answers with the finished ``RateLimitConfig``
+encoded (config/snapshot.py). This process only reads that answer from a socket and decodes it a
+slice at a time: its event loop keeps serving, and its memory grows by the finished tree, not by
+the parse (docs/reliability.md). A child that crashes or is killed (out of memory) is a failed
+load like a bad file: the last good config stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import pickle
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ratelimit_svc.config.files import RuntimeLocation, load_from_files
+from ratelimit_svc.config.rules import RateLimitConfig
+from ratelimit_svc.config.snapshot import decode, encode
+from ratelimit_svc.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_CONTEXT = multiprocessing.get_context("forkserver")
+LOAD_NICENESS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A loaded config, and the same config encoded (config/snapshot.py), as worker processes
+    are sent it."""
+
+    config: RateLimitConfig
+    pickled: bytes
+
+
+async def load_in_child(
+    location: RuntimeLocation, *, merge_domains: bool = False, fixed_windows_only: str = ""
+) -> LoadedConfig | None:
+    """``config.files.load_from_files`` in a child process: the config, None when there is no config
+    directory configured, or ConfigError (a bad file, or a child that died). What the child
+    logged is logged here, under the same logger names."""
+    # The first use starts the fork server (a new interpreter importing this module): slow,
+    # so not on the event loop. Every later load forks a warm copy of it in milliseconds.
+    _CONTEXT.set_forkserver_preload([__name__])  # no effect once the fork server runs
+    await asyncio.to_thread(multiprocessing.forkserver.ensure_running)
+    ours, theirs = socket.socketpair()
+    process: Any = _CONTEXT.Process(
+        target=_child_main,
+        args=(theirs, location, merge_domains, fixed_windows_only),
+        name="ratelimit-config-load",
+        daemon=True,
+    )
+    try:
+        try:
+            # Also in a thread: start() waits for the fork server to answer with the pid, which
+            # on a busy machine is not always at once.
+            await asyncio.to_thread(process.start)
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        try:
+            answer = await reader.read()  # until the child closes its end
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await asyncio.to_thread(process.join)
+    finally:
+        ours.close()
+        if process.is_alive():  # cancelled (the service is stopping): do not leave it running
+            process.kill()
+            await asyncio.shield(asyncio.to_thread(process.join))
+    if not answer:
+        code = process.exitcode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        raise ConfigError(
+            f"the config load process (pid {process.pid}) {how} before answering"
+            + (" (out of memory?)" if code == -9 else "")
+        )
+    status, payload, records = await asyncio.to_thread(pickle.loads, answer)
+    for level, name, message in records:
+        logging.getLogger(name).log(level, "%s", message)
+    if status == "error":
+        raise ConfigError(payload)
+    if status == "none":
+        return None
+    config = await decode(payload)
+    assert config is not None  # the child sends "none" for no config
+    return LoadedConfig(config, payload)
+
+
+class _Records(logging.Handler):
+    """Keeps what the child logs, to be logged again by the parent (which owns the log)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[tuple[int, str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.levelno, record.name, record.getMessage()))
+
+
+def _child_main(
+    sock: socket.socket, location: RuntimeLocation, merge_domains: bool, fixed_windows_only: str
+) -> None:
+    # Below the serving processes in the CPU queue: on a busy machine a load takes longer rather
+    # than slowing requests down.
+    with contextlib.suppress(OSError):
+        os.nice(LOAD_NICENESS)
+    handler = _Records()
+    package = logging.getLogger(__name__.partition(".")[0])
+    package.addHandler(handler)
+    package.setLevel(logging.DEBUG)
+    package.propagate = False
+    result: tuple[str, Any, list[tuple[int, str, str]]]
+    started = time.process_time()
+    try:
+        config = load_from_files(
+            location, merge_domains=merge_domains, fixed_windows_only=fixed_windows_only
+        )
+    except ConfigError as exc:
+        result = ("error", str(exc), handler.records)
+    except Exception as exc:  # a defect: still only a failed load, reported as one
+        result = ("error", f"unexpected {type(exc).__name__} while loading: {exc}", handler.records)
+    else:
+        encoded = None if config is None else encode(config)
+        log.info("config load process: %.3fs of CPU", time.process_time() - started)
+        result = ("none" if encoded is None else "ok", encoded, handler.records)
+    with sock:
+        sock.sendall(pickle.dumps(result, pickle.HIGHEST_PROTOCOL))

@@ -1,0 +1,113 @@
+"""A config snapshot between processes: encoded where it is built (the config-load process, or a
+thread), decoded by the serving process on its own event loop a slice at a time, and freed in
+steps when replaced (docs/reliability.md).
+
+Unpickling a whole tree at once, even in a thread, stalls the loop: the thread holds the GIL for
+most of a second per 100,000 rules, and on a busy machine every hand-back of the GIL waits for
+the scheduler. So the encoded form is a list of pickled slices of ``SLICE_NODES`` node records
+in depth-first order (each naming its parent by position); ``decode`` unpickles one slice,
+links its nodes into the tree and yields to the loop before the next. The cyclic garbage
+collector is paused meanwhile and the finished tree moved out of its reach (``gc.freeze``):
+otherwise the million new objects of a big config trigger full collections that hold the GIL
+for 100 ms and more each. A tree has no cycles, so reference counting alone frees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import pickle
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from ratelimit_svc.config.rules import Node, RateLimitConfig, wildcard_pattern
+
+SLICE_NODES = 100  # about 3 ms of decoding on a busy machine
+_gc_pauses = 0  # decodes in progress (each pauses the collector until the last one ends)
+
+
+def encode(config: RateLimitConfig | None) -> bytes:
+    """``config`` as slices of node records (None stays None)."""
+    if config is None:
+        return pickle.dumps(None, pickle.HIGHEST_PROTOCOL)
+    slices: list[bytes] = []
+    batch: list[tuple[Any, ...]] = []
+    for record in _records(config):
+        batch.append(record)
+        if len(batch) == SLICE_NODES:
+            slices.append(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
+            batch = []
+    if batch:
+        slices.append(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
+    return pickle.dumps(slices, pickle.HIGHEST_PROTOCOL)
+
+
+def _records(config: RateLimitConfig) -> Iterator[tuple[Any, ...]]:
+    """(parent position or the domain name, key, value, composite, rule, value_to_metric,
+    share_threshold) for every node, parents before children, children in config order."""
+    position = 0
+    pending: list[tuple[int | str, Node]] = [
+        (domain, root) for domain, root in reversed(list(config.domains.items()))
+    ]
+    while pending:
+        parent, node = pending.pop()
+        yield (
+            parent, node.key, node.value, node.composite, node.rule,
+            node.value_to_metric, node.share_threshold,
+        )  # fmt: skip
+        pending.extend((position, child) for child in reversed(list(node.children.values())))
+        position += 1
+
+
+async def decode(data: bytes) -> RateLimitConfig | None:
+    """The config ``encode`` made, rebuilt on the event loop one slice at a time."""
+    global _gc_pauses
+    slices: list[bytes] | None = pickle.loads(data)
+    if slices is None:
+        return None
+    nodes: list[Node] = []
+    domains: dict[str, Node] = {}
+    _gc_pauses += 1
+    gc.disable()
+    try:
+        for piece in slices:
+            for parent, key, value, composite, rule, to_metric, share in pickle.loads(piece):
+                node = Node(
+                    key=key, value=value, composite=composite, rule=rule,
+                    value_to_metric=to_metric, share_threshold=share,
+                )  # fmt: skip
+                nodes.append(node)
+                if isinstance(parent, str):
+                    domains[parent] = node
+                    continue
+                above = nodes[parent]
+                above.children[composite] = node
+                if "*" in value:  # as config/build.py links them: in config order
+                    above.wildcards.append((wildcard_pattern(composite), node))
+            await asyncio.sleep(0)
+        gc.freeze()  # the new tree (and what else lives now) is never scanned again
+    finally:
+        _gc_pauses -= 1
+        if not _gc_pauses:
+            gc.enable()
+    return RateLimitConfig(domains=domains)
+
+
+async def release(config: RateLimitConfig) -> None:
+    """Free a replaced config one slice of nodes at a time on the event loop (freeing a whole
+    tree is one deallocation cascade). Requests that still hold it (each keeps the snapshot it
+    started with) are unaffected: this only drops references."""
+    pending: list[Node] = list(config.domains.values())
+    del config
+    nodes: deque[Node] = deque()  # parents before their children
+    while pending:
+        for _ in range(min(SLICE_NODES, len(pending))):
+            node = pending.pop()
+            nodes.append(node)
+            pending.extend(node.children.values())
+        await asyncio.sleep(0)
+    while nodes:
+        for _ in range(min(SLICE_NODES, len(nodes))):
+            nodes.popleft()  # frees this node alone: its children are still held here
+        await asyncio.sleep(0)
