@@ -104,7 +104,7 @@ async def test_a_failed_reload_shows_file_and_line_and_keeps_the_old_rules(runni
     (running.config_dir / "zz-broken.yaml").write_text("domain: other\ndescriptors:\n  - key: k\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n")
     source = running.app.source
     assert isinstance(source, FileSource)
-    source.load(running.app)  # what the watcher does on a change
+    await source.load(running.app)  # what the watcher does on a change
     rules = await running.get("/console/api/rules")
     error = rules["last_error"]
     assert error["file"] == "zz-broken.yaml" and error["line"] == 4
