@@ -35,7 +35,11 @@ async def test_user_password_and_database_from_the_url_never_shown(
     caplog.set_level(logging.DEBUG)
     runtime, _ = config_dir_env(tmp_path)
     url = f"redis://alice:{ENCODED}@{server.url}/3"
-    env = base_env(**runtime, BACKEND_TYPE="redis", REDIS_URL=url, LOG_LEVEL="DEBUG")
+    # DEBUG_PROFILING_ENABLED: the profiling pages must not show the password either.
+    env = base_env(
+        **runtime, BACKEND_TYPE="redis", REDIS_URL=url, LOG_LEVEL="DEBUG",
+        DEBUG_PROFILING_ENABLED="true",
+    )  # fmt: skip
     pages: list[str] = []
     async with App(Settings.from_env(env)) as app:
         assert app.service is not None and app.debug is not None

@@ -29,6 +29,8 @@ descriptors:
   - key: k
     value: "*z"
     rate_limit: {unit: day, requests_per_unit: 4}
+  - key: "x*"
+    rate_limit: {unit: day, requests_per_unit: 5}
 ---
 domain: b
 descriptors:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import pickle
+import re
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from ratelimit_svc.config.rules import Node, RateLimitConfig, wildcard_pattern
+from ratelimit_svc.config.rules import Node, RateLimitConfig
 
 SLICE_NODES = 100  # about 3 ms of decoding on a busy machine
 _gc_pauses = 0  # decodes in progress (each pauses the collector until the last one ends)
@@ -45,18 +46,24 @@ def encode(config: RateLimitConfig | None) -> bytes:
 
 def _records(config: RateLimitConfig) -> Iterator[tuple[Any, ...]]:
     """(parent position or the domain name, key, value, composite, rule, value_to_metric,
-    share_threshold) for every node, parents before children, children in config order."""
+    share_threshold, wildcard pattern or None) for every node, parents before children, children
+    in config order. A node's place among its parent's wildcards is its place among its children,
+    as config/build.py links them."""
     position = 0
-    pending: list[tuple[int | str, Node]] = [
-        (domain, root) for domain, root in reversed(list(config.domains.items()))
+    pending: list[tuple[int | str, Node, re.Pattern[str] | None]] = [
+        (domain, root, None) for domain, root in reversed(list(config.domains.items()))
     ]
     while pending:
-        parent, node = pending.pop()
+        parent, node, pattern = pending.pop()
         yield (
             parent, node.key, node.value, node.composite, node.rule,
-            node.value_to_metric, node.share_threshold,
+            node.value_to_metric, node.share_threshold, pattern,
         )  # fmt: skip
-        pending.extend((position, child) for child in reversed(list(node.children.values())))
+        patterns = {id(child): wildcard for wildcard, child in node.wildcards}
+        pending.extend(
+            (position, child, patterns.get(id(child)))
+            for child in reversed(list(node.children.values()))
+        )
         position += 1
 
 
@@ -72,7 +79,9 @@ async def decode(data: bytes) -> RateLimitConfig | None:
     gc.disable()
     try:
         for piece in slices:
-            for parent, key, value, composite, rule, to_metric, share in pickle.loads(piece):
+            for parent, key, value, composite, rule, to_metric, share, pattern in pickle.loads(
+                piece
+            ):
                 node = Node(
                     key=key, value=value, composite=composite, rule=rule,
                     value_to_metric=to_metric, share_threshold=share,
@@ -83,8 +92,8 @@ async def decode(data: bytes) -> RateLimitConfig | None:
                     continue
                 above = nodes[parent]
                 above.children[composite] = node
-                if "*" in value:  # as config/build.py links them: in config order
-                    above.wildcards.append((wildcard_pattern(composite), node))
+                if pattern is not None:
+                    above.wildcards.append((pattern, node))
             await asyncio.sleep(0)
         gc.freeze()  # the new tree (and what else lives now) is never scanned again
     finally:
