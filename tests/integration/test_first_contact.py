@@ -209,7 +209,7 @@ async def test_editor_files_are_skipped_with_make_run_settings(
         async with App(settings) as app:
             assert isinstance(app.source, FileSource)
             assert app.config is not None and set(app.config.domains) == {"basic"}
-            app.source.load(app)  # a reload
+            await app.source.load(app)  # a reload
             # Nor is a write to one of them a reason to reload (dot-files still are: a
             # ConfigMap's ..data swap is one).
             watcher = ConfigWatcher(app.source.location, watch_root=False, reload=lambda: None)
@@ -229,10 +229,10 @@ async def test_under_the_references_defaults_a_swap_file_is_named_with_the_setti
         assert isinstance(app.source, FileSource)
         with caplog.at_level(logging.ERROR, logger="ratelimit_svc"):
             (config_dir / "basic.yaml~").write_bytes(EDITOR_FILES["basic.yaml~"])
-            app.source.load(app)
+            await app.source.load(app)
             (config_dir / "basic.yaml~").unlink()
             (config_dir / ".basic.yaml.swp").write_bytes(EDITOR_FILES[".basic.yaml.swp"])
-            app.source.load(app)
+            await app.source.load(app)
         assert app.config is not None and set(app.config.domains) == {"basic"}  # kept
     first, second = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     for message, name in ((first, "basic.yaml~"), (second, ".basic.yaml.swp")):
