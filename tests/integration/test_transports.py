@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import json
 import shutil
 import signal
 import subprocess
@@ -21,12 +20,12 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from fault_proxy import DelayProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from h2_client import H2Connection, grpc_frame, grpc_headers
-from redis_fixtures import RedisServer
-from service_env import ServiceProcess, base_env, config_dir_env
-from xds_protos import peer_env
+from support.fault_proxy import DelayProxy
+from support.h2_client import H2Connection, grpc_frame, grpc_headers
+from support.redis_fixtures import RedisServer
+from support.service_env import ServiceProcess, base_env, config_dir_env
+from support.xds_protos import peer_env
 
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
@@ -55,7 +54,7 @@ async def start(transport: str, tmp_path: Path, rules: str | None = RULES, **env
     runtime, _ = config_dir_env(tmp_path, rules)
     service = await ServiceProcess.start(base_env(**{**runtime, "GRPC_SERVER": transport, **env}))
     listening = next(line for line in service.lines if "Listening for gRPC" in line)
-    assert ("pyvoy_server" in listening) == (transport == "pyvoy"), service.lines
+    assert ("ratelimit_svc.servers.pyvoy" in listening) == (transport == "pyvoy"), service.lines
     return service
 
 
@@ -402,49 +401,6 @@ async def test_pyvoy_with_tls_falls_back_to_grpcio_with_one_line(tmp_path: Path)
     assert "GRPC_SERVER_USE_TLS" in log
 
 
-def test_unavailable_reason_without_a_shared_libpython(monkeypatch: pytest.MonkeyPatch) -> None:
-    import find_libpython
-
-    from ratelimit_svc import pyvoy_server
-    from ratelimit_svc.settings import Settings
-
-    settings = Settings.from_env({})
-    assert pyvoy_server.unavailable_reason(settings) is None
-    monkeypatch.setattr(find_libpython, "candidate_paths", lambda: iter(["/nonexistent/libpython3.so"]))
-    reason = pyvoy_server.unavailable_reason(settings)
-    assert reason is not None and "shared libpython" in reason
-
-
-def test_envoy_config_carries_the_grpc_settings() -> None:
-    from ratelimit_svc import pyvoy_server
-    from ratelimit_svc.settings import Settings
-
-    settings = Settings.from_env({"GRPC_PORT": "9999", "GRPC_MAX_CONNECTION_AGE": "90s", "GRPC_MAX_CONNECTION_AGE_GRACE": "5s"})
-    text = json.dumps(pyvoy_server.envoy_config(settings, "/tmp/admin.sock"))
-    config = json.loads(text)
-    listener = config["static_resources"]["listeners"][0]
-    assert listener["address"]["socket_address"]["port_value"] == 9999
-    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    assert manager["common_http_protocol_options"]["max_connection_duration"] == "90.000s"
-    assert manager["drain_timeout"] == "5.000s"
-    assert manager["codec_type"] == "HTTP2"
-    uds = pyvoy_server.envoy_config(Settings.from_env({"GRPC_UDS": "/run/rl.sock"}), "/tmp/a")
-    assert uds["static_resources"]["listeners"][0]["address"] == {"pipe": {"path": "/run/rl.sock"}}
-
-
-
-
-
-@pytest.mark.parametrize(
-    ("message", "wire"),
-    [("plain text", b"plain text"), ("100%", b"100%25"), ("é\n", b"%C3%A9%0A"), ("", b"")],
-)
-def test_grpc_message_percent_encoding(message: str, wire: bytes) -> None:
-    from ratelimit_svc.grpc_asgi import encode_grpc_message
-
-    assert encode_grpc_message(message) == wire
-
-
 async def test_tracing_continues_w3c_and_b3_parents(transport: str, tmp_path: Path) -> None:
     """Spans reach a real OTLP/HTTP endpoint, parented from traceparent and from B3 headers."""
     from aiohttp import web
@@ -492,3 +448,16 @@ async def test_tracing_continues_w3c_and_b3_parents(transport: str, tmp_path: Pa
         await runner.cleanup()
     parents = {s.trace_id.hex(): s.parent_span_id.hex() for s in spans if s.name.endswith("/ShouldRateLimit")}  # type: ignore[attr-defined]
     assert parents == {w3c_trace: w3c_parent, b3_trace: b3_parent}
+
+
+def test_unavailable_reason_without_a_shared_libpython(monkeypatch: pytest.MonkeyPatch) -> None:
+    import find_libpython
+
+    from ratelimit_svc.servers import pyvoy as pyvoy_server
+    from ratelimit_svc.settings.model import Settings
+
+    settings = Settings.from_env({})
+    assert pyvoy_server.unavailable_reason(settings) is None
+    monkeypatch.setattr(find_libpython, "candidate_paths", lambda: iter(["/nonexistent/libpython3.so"]))
+    reason = pyvoy_server.unavailable_reason(settings)
+    assert reason is not None and "shared libpython" in reason

@@ -31,8 +31,8 @@ from ratelimit_svc.errors import SettingsError
 from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from ratelimit_svc.settings.model import Settings
-from ratelimit_svc.workers.cpu_quota import usable_cpus
 from ratelimit_svc.workers.aggregation import AggregateStats, Report
+from ratelimit_svc.workers.cpu_quota import usable_cpus
 from ratelimit_svc.workers.roles import primary_app, worker_main
 from ratelimit_svc.workers.supervisor import WorkerPool, reserve_port, worker_count
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ratelimit_svc.cpu_quota import affinity_cpus, cgroup_cpu_quota, usable_cpus
+from ratelimit_svc.workers.cpu_quota import affinity_cpus, cgroup_cpu_quota, usable_cpus
 
 
 def write(root: Path, relative: str, text: str) -> None:
