@@ -145,7 +145,7 @@ def main() -> int:
         redis = None
         if args.redis:
             redis_port = free_port()
-            argv = [find_redis_server(), "--port", str(redis_port), "--save", "", "--appendonly", "no"]
+            argv = [find_redis_server(), "--port", str(redis_port), "--save", ""]
             redis = Server(argv, {}, work / "redis.log")
             redis.wait_for("[Rr]eady to accept connections")
             backends.append(("redis", f"127.0.0.1:{redis_port}"))
