@@ -39,6 +39,7 @@ Unary = Callable[[bytes, float | None, Callable[[], Metadata]], Awaitable[bytes]
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 HEALTH_SERVICES = ("", "ratelimit")
+WATCH_END_SECONDS = 1.0  # for the end of a Watch stream to reach us (see GrpcAsgiApp._watch)
 
 _PREFIX = struct.Struct(">BI")
 _SERVING: int = health_pb2.HealthCheckResponse.SERVING
@@ -172,6 +173,7 @@ class GrpcAsgiApp:
         self.health = health
         self.max_message_bytes = max_message_bytes
         self.in_flight = 0
+        self.closing = False  # stopping: new calls are refused (UNAVAILABLE), never started
         self._idle: asyncio.Future[None] | None = None
 
     async def wait_idle(self) -> None:
@@ -194,6 +196,9 @@ class GrpcAsgiApp:
                 self._idle.set_result(None)
 
     async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.closing:
+            await _trailers_only(send, Status.UNAVAILABLE, "the server is shutting down")
+            return
         content_type = encoding = timeout = None
         for name, value in scope["headers"]:
             if name == b"content-type":
@@ -304,7 +309,14 @@ class GrpcAsgiApp:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 await send(_trailers(Status.UNAVAILABLE, "the server is shutting down"))
         finally:
-            gone.cancel()
+            if not gone.done():
+                # Once the stream has ended the server answers the pending receive with
+                # http.disconnect; cancelling it before then makes pyvoy complete a cancelled
+                # future (an InvalidStateError logged by the loop).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(WATCH_END_SECONDS):
+                        await asyncio.shield(gone)
+                gone.cancel()
 
     async def _drain_until_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -353,25 +365,39 @@ async def _plain(send: Send, status: int, text: bytes) -> None:
 
 
 class AsgiGrpc:
-    """The gRPC port as the App sees it when Envoy (pyvoy) owns the socket."""
+    """The gRPC port as the App sees it when Envoy (pyvoy) owns the socket. ``stop_listening``
+    closes Envoy's listener (servers/pyvoy.py)."""
 
-    def __init__(self, asgi: GrpcAsgiApp) -> None:
+    def __init__(
+        self, asgi: GrpcAsgiApp, stop_listening: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self.asgi = asgi
+        self.stop_listening = stop_listening
 
     async def set_serving(self, serving: bool) -> None:
         await self.asgi.health.set_serving(serving)
 
     async def stop(self, grace: float | None) -> None:
-        """End Watch streams and wait (up to ``grace``) for the calls in flight to finish."""
+        """As grpc's server stop: no new connections or calls (refused, UNAVAILABLE, before any
+        handler runs), Watch streams ended, and the calls in flight given ``grace`` to finish."""
+        self.asgi.closing = True
         self.asgi.health.close()
+        if self.stop_listening is not None:
+            await self.stop_listening()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace or 0.0):
                 await self.asgi.wait_idle()
 
 
-async def start_asgi_grpc(service: RateLimitService, settings: Settings, serving: bool) -> AsgiGrpc:
+async def start_asgi_grpc(
+    service: RateLimitService,
+    settings: Settings,
+    serving: bool,
+    stop_listening: Callable[[], Awaitable[None]] | None = None,
+) -> AsgiGrpc:
     """The App's gRPC port inside pyvoy (app.GrpcStarter): ShouldRateLimit and Health."""
     health = HealthState()
     await health.set_serving(serving)
     methods = {SHOULD_RATE_LIMIT: service.handle}
-    return AsgiGrpc(GrpcAsgiApp(methods, health, max_message_bytes=settings.max_request_bytes))
+    asgi = GrpcAsgiApp(methods, health, max_message_bytes=settings.max_request_bytes)
+    return AsgiGrpc(asgi, stop_listening)

@@ -39,6 +39,7 @@ CONTROL_FD_ENV = "RATELIMIT_SVC_CONTROL_FD"  # as workers/embedded.py reads them
 WORKER_LINK_FD_ENV = "RATELIMIT_SVC_WORKER_LINK_FD"
 WORKER_INDEX_ENV = "RATELIMIT_SVC_WORKER_INDEX"
 WORKER_COUNT_ENV = "RATELIMIT_SVC_WORKER_COUNT"
+ADMIN_SOCKET_ENV = "RATELIMIT_SVC_ADMIN_SOCKET"
 START_ATTEMPTS = 3  # Envoy that dies before the service starts is started again (a rare flake)
 STOP_MARGIN_SECONDS = 10.0  # beyond drain and grace, before Envoy is killed
 DUPLICATE_SIGNAL_SECONDS = 1.0
@@ -51,6 +52,35 @@ _HCM = (
 _DYNAMIC_MODULE = (
     "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
 )
+
+
+async def admin(socket_path: str, method: str, path: str) -> bytes:
+    """One request to Envoy's admin interface (a unix socket); the body as sent (chunked)."""
+    reader, writer = await asyncio.open_unix_connection(socket_path)
+    try:
+        request = f"{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        writer.write(request.encode())
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+async def stop_listening(socket_path: str) -> None:
+    """Close the gRPC listener: no new connections (those open stay, for the calls in flight)."""
+    with contextlib.suppress(OSError):
+        await admin(socket_path, "POST", "/drain_listeners?inboundonly")
+
+
+async def wait_requests_done(socket_path: str) -> None:
+    """Until Envoy has no request in flight: their answers are out (the caller bounds it)."""
+    with contextlib.suppress(OSError):
+        while True:
+            stats = await admin(socket_path, "GET", "/stats?filter=downstream_rq_active")
+            if b"grpc.downstream_rq_active: 0" in stats:
+                return
+            await asyncio.sleep(ADMIN_POLL_SECONDS)
 
 
 def libpython() -> str | None:
@@ -208,6 +238,7 @@ class EnvoyWorker:
         child_env = envoy_environment(env, link.fileno(), WORKER_LINK_FD_ENV)
         child_env[WORKER_INDEX_ENV] = str(index)
         child_env[WORKER_COUNT_ENV] = str(settings.workers)
+        child_env[ADMIN_SOCKET_ENV] = os.path.join(workdir, "admin.sock")
         child_env["GRPC_PORT"] = str(settings.grpc_port)
         process = subprocess.Popen(
             _envoy_argv(config), env=child_env, pass_fds=(link.fileno(),),
@@ -246,7 +277,7 @@ class EnvoyProcess:
         try:
             process = await asyncio.create_subprocess_exec(
                 *_envoy_argv(envoy_config(settings, admin)),
-                env=envoy_environment(os.environ, theirs.fileno()),
+                env={**envoy_environment(os.environ, theirs.fileno()), ADMIN_SOCKET_ENV: admin},
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C reaches us, and we drain it
@@ -286,17 +317,8 @@ class EnvoyProcess:
             await asyncio.sleep(ADMIN_POLL_SECONDS)
 
     async def _ask_listener(self, workdir: str) -> str:
-        reader, writer = await asyncio.open_unix_connection(os.path.join(workdir, "admin.sock"))
-        try:
-            writer.write(
-                b"GET /listeners?format=json HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-            )
-            await writer.drain()
-            answer = await reader.read()
-        finally:
-            writer.close()
-        body = answer.partition(b"\r\n\r\n")[2]  # chunked: the JSON is one chunk
-        body = json.loads(body[body.index(b"{") : body.rindex(b"}") + 1])
+        answer = await admin(os.path.join(workdir, "admin.sock"), "GET", "/listeners?format=json")
+        body = json.loads(answer[answer.index(b"{") : answer.rindex(b"}") + 1])
         address = body["listener_statuses"][0]["local_address"]
         if "pipe" in address:
             return f"unix:{address['pipe']['path']}"

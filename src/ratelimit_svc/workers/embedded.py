@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from typing import Any
 from ratelimit_svc.app import App
 from ratelimit_svc.errors import RateLimitSvcError
 from ratelimit_svc.logsetup import configure_logging
+from ratelimit_svc.servers import pyvoy
 from ratelimit_svc.servers.grpc_asgi import (
     AsgiGrpc,
     GrpcAsgiApp,
@@ -34,16 +36,35 @@ from ratelimit_svc.servers.grpc_asgi import (
     start_asgi_grpc,
 )
 from ratelimit_svc.servers.pyvoy import (
+    ADMIN_SOCKET_ENV,
     CONTROL_FD_ENV,
     WORKER_COUNT_ENV,
     WORKER_INDEX_ENV,
     WORKER_LINK_FD_ENV,
 )
+from ratelimit_svc.service import RateLimitService
 from ratelimit_svc.settings.model import Settings
 from ratelimit_svc.workers.roles import worker_app
 from ratelimit_svc.workers.supervisor import Link
 
 log = logging.getLogger(__name__)
+
+ANSWERS_SENT_SECONDS = 2.0  # bound on waiting for Envoy to send the last answers out
+
+
+async def _grpc_in_envoy(service: RateLimitService, settings: Settings, serving: bool) -> AsgiGrpc:
+    """The gRPC port of an App inside Envoy: stopping it closes Envoy's listener too."""
+    admin = os.environ.get(ADMIN_SOCKET_ENV)
+    stop_listening = functools.partial(pyvoy.stop_listening, admin) if admin else None
+    return await start_asgi_grpc(service, settings, serving, stop_listening)
+
+
+async def _answers_sent() -> None:
+    """Before Envoy stops: every answer the app gave has left Envoy."""
+    if admin := os.environ.get(ADMIN_SOCKET_ENV):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ANSWERS_SENT_SECONDS):
+                await pyvoy.wait_requests_done(admin)
 
 
 class Embedded:
@@ -118,7 +139,7 @@ class Embedded:
             message = await link.receive()
             if message is None or message[0] != "config":
                 raise RuntimeError("the primary went away before sending the config")
-            app = worker_app(settings, link, message[1], grpc_server=start_asgi_grpc)
+            app = worker_app(settings, link, message[1], grpc_server=_grpc_in_envoy)
             await app.__aenter__()
         except Exception as exc:
             index = os.environ.get(WORKER_INDEX_ENV)
@@ -136,6 +157,7 @@ class Embedded:
             await app.__aexit__(None, None, None)
         except Exception:
             log.exception("error while shutting down")
+        await _answers_sent()
         if running.done():  # told to stop (or the primary went away): stop our Envoy too
             os.kill(os.getpid(), signal.SIGTERM)
         await shutdown
@@ -145,7 +167,7 @@ class Embedded:
         try:
             settings = Settings.from_env(os.environ)
             configure_logging(settings)
-            app = App(settings, grpc_server=start_asgi_grpc)
+            app = App(settings, grpc_server=_grpc_in_envoy)
             await app.__aenter__()
         except RateLimitSvcError as exc:
             log.error("%s", exc)
@@ -178,6 +200,7 @@ class Embedded:
             await app.__aexit__(None, None, None)
         except Exception:
             log.exception("error while shutting down")
+        await _answers_sent()
         self._tell("stopped")
 
 
