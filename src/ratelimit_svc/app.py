@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ratelimit_svc import backends
 from ratelimit_svc.backends.latency import LatencyRecorder, TimedStore
