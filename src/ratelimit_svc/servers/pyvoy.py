@@ -31,6 +31,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from ratelimit_svc.servers.http_api import cannot_listen
 from ratelimit_svc.settings.model import Settings
 
 log = logging.getLogger(__name__)
@@ -337,6 +338,23 @@ class EnvoyProcess:
         await self.process.wait()
 
 
+def _port_refused(settings: Settings) -> str | None:
+    """Why the gRPC TCP port cannot be listened on (one clear line before Envoy starts)."""
+    if settings.grpc_uds or not settings.grpc_port:
+        return None
+    host, port = settings.grpc_host, settings.grpc_port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return cannot_listen("gRPC", "GRPC_HOST/GRPC_PORT", host, port, exc)
+    return None
+
+
 async def supervise(settings: Settings) -> int:
     """Run the service in Envoy until a signal; the exit status."""
     loop = asyncio.get_running_loop()
@@ -361,6 +379,9 @@ async def supervise(settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    if (busy := _port_refused(settings)) is not None:
+        log.error("%s", busy)
+        return 1
     with tempfile.TemporaryDirectory(prefix="ratelimit-svc-") as workdir:
         for attempt in range(1, START_ATTEMPTS + 1):
             envoy = await EnvoyProcess.start(settings, workdir)
@@ -388,8 +409,11 @@ async def _serve(
     envoy: EnvoyProcess, settings: Settings, workdir: str, stop_requested: asyncio.Event
 ) -> int:
     state = await envoy.next_message()  # after "starting": the backend and config are ready
-    if state == "failed":
-        await envoy.process.wait()
+    if state == "failed":  # the app logged why
+        envoy.signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_MARGIN_SECONDS):
+                await envoy.process.wait()
         return 1
     if state == "stopped" or (state is None and stop_requested.is_set()):
         return 0
