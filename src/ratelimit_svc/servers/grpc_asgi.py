@@ -39,6 +39,7 @@ Unary = Callable[[bytes, float | None, Callable[[], Metadata]], Awaitable[bytes]
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 HEALTH_SERVICES = ("", "ratelimit")
+STOP_LISTENING_SECONDS = 1.0  # for Envoy to close its listener when asked
 WATCH_END_SECONDS = 1.0  # for the end of a Watch stream to reach us (see GrpcAsgiApp._watch)
 
 _PREFIX = struct.Struct(">BI")
@@ -383,7 +384,11 @@ class AsgiGrpc:
         self.asgi.closing = True
         self.asgi.health.close()
         if self.stop_listening is not None:
-            await self.stop_listening()
+            # Bounded: while the app is still starting, Envoy's main thread (which answers the
+            # admin interface) is waiting for it.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STOP_LISTENING_SECONDS):
+                    await self.stop_listening()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace or 0.0):
                 await self.asgi.wait_idle()
