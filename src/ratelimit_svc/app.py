@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ratelimit_svc import backends
 from ratelimit_svc.backends.latency import LatencyRecorder, TimedStore
@@ -34,7 +34,7 @@ from ratelimit_svc.limiter.peek import CounterView, peek
 from ratelimit_svc.limiter.store import CounterStore
 from ratelimit_svc.servers.console.model import Console
 from ratelimit_svc.servers.debug import start_debug_server
-from ratelimit_svc.servers.grpc_aio import GrpcServer, start_grpc_server
+from ratelimit_svc.servers.grpc_aio import start_grpc_server
 from ratelimit_svc.servers.health import Health, monitor_backend
 from ratelimit_svc.servers.http_api import Listener, start_http_server
 from ratelimit_svc.service import RateLimitService, RequestLimits
@@ -58,6 +58,19 @@ log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 5.0
 # A signal repeated within this long counts as the same one, not as a forcing second signal.
 DUPLICATE_SIGNAL_SECONDS = 1.0
+
+
+class GrpcListener(Protocol):
+    """What the app needs of the gRPC port, whichever transport serves it (docs/transports.md)."""
+
+    async def set_serving(self, serving: bool) -> None: ...
+
+    async def stop(self, grace: float | None) -> None: ...
+
+
+# Starts the gRPC port for the service, healthy or not as ``serving`` says: grpc.aio's
+# ``start_grpc_server`` here, the ASGI app inside pyvoy (workers/embedded.py).
+GrpcStarter = Callable[[RateLimitService, Settings, bool], Awaitable[GrpcListener]]
 
 
 def limiter_options(settings: Settings) -> LimiterOptions:
@@ -106,6 +119,10 @@ class AppHook:
         """Everything has closed, the final stats flush included."""
 
 
+async def _grpc_aio(service: RateLimitService, settings: Settings, serving: bool) -> GrpcListener:
+    return await start_grpc_server(service, settings, serving=serving)
+
+
 def config_source(settings: Settings) -> ConfigSource:
     """The source CONFIG_TYPE names: files (watched when RUNTIME_SUBDIRECTORY is set) or xDS."""
     if settings.config_type == "GRPC_XDS_SOTW":
@@ -147,6 +164,7 @@ class App:
         stats: MemoryStats | None = None,
         operator_ports: bool = True,
         hooks: Sequence[AppHook] = (),
+        grpc_server: GrpcStarter | None = None,
         clock: Callable[[], float] = time.time,
         span_exporter: SpanExporter | None = None,  # tests: spans in memory instead of OTLP
     ) -> None:
@@ -156,6 +174,7 @@ class App:
         self.stats = stats if stats is not None else MemoryStats(max_keys=settings.stats_max_keys)
         self.operator_ports = operator_ports
         self.hooks = tuple(hooks)
+        self.grpc_server: GrpcStarter = grpc_server or _grpc_aio
         self.reporter: StatsReporter | None = None
         self.tracing: Tracing | None = None
         self._span_exporter = span_exporter
@@ -164,7 +183,7 @@ class App:
         self._pickled: tuple[RateLimitConfig | None, bytes] | None = None  # see pickled_config
         self._releasing: set[asyncio.Task[None]] = set()
         self.store: CounterStore | None = None
-        self.grpc: GrpcServer | None = None
+        self.grpc: GrpcListener | None = None
         self.http: Listener | None = None
         self.debug: Listener | None = None
         # What the console shows (docs/console.md): load status, hot keys, backend latency, and
@@ -261,12 +280,11 @@ class App:
                 settings.max_entries_per_descriptor,
                 settings.max_value_bytes,
             )
-            self.service = RateLimitService(limiter, lambda: self.config, self.stats, limits)
-            await self._start_stats(limiter)
-            self.grpc = await start_grpc_server(
-                self.service, settings, serving=self.health.healthy,
-                interceptors=self._interceptors(),
+            self.service = RateLimitService(
+                limiter, lambda: self.config, self.stats, limits, tracer=self.tracing
             )
+            await self._start_stats(limiter)
+            self.grpc = await self.grpc_server(self.service, settings, self.health.healthy)
             await self._start_operations()
             for hook in self.hooks:
                 await hook.started(self)
@@ -339,9 +357,6 @@ class App:
                 self.settings.tracing, self.settings.backend_type, self._span_exporter
             )
         return store if self.tracing is None else self.tracing.wrap_store(store)
-
-    def _interceptors(self) -> list[Any]:
-        return [] if self.tracing is None else [self.tracing.interceptor()]
 
     async def _start_stats(self, limiter: Limiter) -> None:
         """The local cache's stats and, on the operator ports' process, the configured sink

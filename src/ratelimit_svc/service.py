@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Protocol, cast
 
-import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 
@@ -23,7 +24,7 @@ from ratelimit_svc.limiter.limiter import Decision, Limiter, Request, RequestDes
 from ratelimit_svc.limiter.matching import Override
 from ratelimit_svc.limiter.windows import Code
 from ratelimit_svc.pb.envoy.config.core.v3 import base_pb2
-from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,14 @@ STAT_BACKEND_ERROR = "ratelimit.service.call.should_rate_limit.redis_error"
 STAT_COUNTER_ERROR = "ratelimit.service.call.should_rate_limit.redis_key_error"
 STAT_TOTAL_REQUESTS = "ratelimit_server.ShouldRateLimit.total_requests"
 STAT_RESPONSE_TIME = "ratelimit_server.ShouldRateLimit.response_time"
+
+
+class CallTracer(Protocol):
+    """Tracing's hook (tracing.Tracing): a SERVER span around one call."""
+
+    def server_span(
+        self, method: str, metadata: Sequence[tuple[str, str | bytes]], domain: str
+    ) -> AbstractContextManager[Callable[[int, str], None]]: ...
 
 
 class ServiceStats(Protocol):
@@ -124,28 +133,12 @@ class MalformedRequest:
 
 
 def parse_request(data: bytes) -> rls_pb2.RateLimitRequest | MalformedRequest:
-    """The request deserializer. grpc answers UNKNOWN when a deserializer raises; returning the
-    error instead lets ShouldRateLimit answer INVALID_ARGUMENT with protobuf's reason (corrupt
-    wire format, a string field that is not UTF-8)."""
+    """The request, or why its bytes are not one (corrupt wire format, a string field that is not
+    UTF-8): answered INVALID_ARGUMENT with protobuf's reason, never UNKNOWN."""
     try:
         return rls_pb2.RateLimitRequest.FromString(data)
     except DecodeError as exc:
         return MalformedRequest(str(exc) or "cannot parse the request")
-
-
-def add_to_server(service: RateLimitService, server: grpc.aio.Server) -> None:
-    """Register ``service`` like the generated ``add_RateLimitServiceServicer_to_server``, but
-    with ``parse_request`` as the request deserializer."""
-    handlers = {
-        "ShouldRateLimit": grpc.unary_unary_rpc_method_handler(
-            service.ShouldRateLimit,
-            request_deserializer=parse_request,
-            response_serializer=rls_pb2.RateLimitResponse.SerializeToString,
-        )
-    }
-    name = "envoy.service.ratelimit.v3.RateLimitService"
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
 
 
 def response_to_proto(decision: Decision) -> rls_pb2.RateLimitResponse:
@@ -169,8 +162,38 @@ def response_to_proto(decision: Decision) -> rls_pb2.RateLimitResponse:
     return response
 
 
-class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
-    """The gRPC servicer. ``config`` returns the current snapshot (None until one loads)."""
+class Status(IntEnum):
+    """The gRPC status codes this service answers with (numbers from the gRPC protocol)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    FAILED_PRECONDITION = 9
+    RESOURCE_EXHAUSTED = 8
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+
+class RpcError(Exception):
+    """A call's failure as the gRPC status (and message) every transport answers with."""
+
+    def __init__(self, code: Status, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+SHOULD_RATE_LIMIT = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+
+
+class RateLimitService:
+    """The servicer, independent of the server that carries it (``handle``: bytes in, bytes out).
+    ``config`` returns the current snapshot (None until one loads)."""
 
     def __init__(
         self,
@@ -178,11 +201,13 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         config: Callable[[], RateLimitConfig | None],
         stats: ServiceStats,
         limits: RequestLimits = RequestLimits(),
+        tracer: CallTracer | None = None,
     ) -> None:
         self.limiter = limiter
         self.config = config
         self.stats = stats
         self.limits = limits
+        self.tracer = tracer
 
     async def should_rate_limit(
         self, request: Request, deadline: float | None = None
@@ -208,39 +233,55 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             self.stats.add(STAT_BACKEND_ERROR)
             raise BackendError("deadline exceeded while waiting for the backend") from None
 
-    async def ShouldRateLimit(  # the protocol names the method
+    async def handle(
         self,
-        request: rls_pb2.RateLimitRequest | MalformedRequest,
-        context: grpc.aio.ServicerContext,
-    ) -> rls_pb2.RateLimitResponse:
+        data: bytes,
+        time_left: float | None = None,
+        metadata: Callable[[], Sequence[tuple[str, str | bytes]]] | None = None,
+    ) -> bytes:
+        """One ShouldRateLimit call in wire terms, whichever server carries it: the request's bytes
+        in, the response's bytes out, or ``RpcError`` with the gRPC status to answer. ``time_left``
+        is the caller's deadline (seconds left) when the server does not enforce it itself;
+        ``metadata`` gives the call's headers (read only when tracing, for the caller's trace)."""
+        request = parse_request(data)
         if isinstance(request, MalformedRequest):
             self.stats.add(STAT_TOTAL_REQUESTS)
             self.stats.add(STAT_SERVICE_ERROR)
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"malformed RateLimitRequest: {request.error}"
-            )
-            raise AssertionError("context.abort raises")  # for the type checker
+            raise RpcError(Status.INVALID_ARGUMENT, f"malformed RateLimitRequest: {request.error}")
+        if self.tracer is None:
+            return await self._decide(request, time_left)
+        headers = metadata() if metadata is not None else ()
+        with self.tracer.server_span(SHOULD_RATE_LIMIT, headers, request.domain) as outcome:
+            try:
+                response = await self._decide(request, time_left)
+            except RpcError as exc:
+                outcome(exc.code, exc.message)
+                raise
+            outcome(Status.OK, "")
+            return response
+
+    async def _decide(self, request: rls_pb2.RateLimitRequest, time_left: float | None) -> bytes:
         started = _perf_counter()
         try:
-            # The caller's deadline needs no timer here: grpc cancels this task when it passes
-            # (Envoy sends one with every request, so a timer each would cost; see below).
-            decision = await self.should_rate_limit(request_from_proto(request))
+            if time_left is None:
+                decision = await self.should_rate_limit(request_from_proto(request))
+            else:
+                async with asyncio.timeout(time_left):
+                    decision = await self.should_rate_limit(request_from_proto(request))
         except RequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise RpcError(Status.INVALID_ARGUMENT, str(exc)) from None
         except (BackendError, NoConfigError) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise RpcError(Status.UNAVAILABLE, str(exc)) from None
         except CounterError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                # The deadline passed while the backend was being waited for: count it as the
-                # backend timeout it is (a caller that merely went away is not an error).
-                self.stats.add(STAT_BACKEND_ERROR)
-            raise
+            raise RpcError(Status.FAILED_PRECONDITION, str(exc)) from None
+        except TimeoutError:
+            # The caller's deadline passed while the backend was being waited for: count it as
+            # the backend timeout it is.
+            self.stats.add(STAT_BACKEND_ERROR)
+            raise RpcError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
         except Exception:
             log.exception("unexpected error in ShouldRateLimit")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            raise RpcError(Status.INTERNAL, "internal error") from None
         finally:
             self.stats.observe_ms(STAT_RESPONSE_TIME, (_perf_counter() - started) * 1000.0)
-        return response_to_proto(decision)
+        return response_to_proto(decision).SerializeToString()

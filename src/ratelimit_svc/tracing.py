@@ -6,10 +6,10 @@ provider belongs to the ``Tracing`` object the app owns (docs/observability.md (
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import grpc
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.b3 import B3MultiFormat
@@ -28,8 +28,6 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from ratelimit_svc.limiter.algorithms import Step, StepResult
 from ratelimit_svc.limiter.store import CounterStore, Increment
 from ratelimit_svc.settings.model import TracingSettings
-
-SERVICE_PREFIX = "/envoy.service.ratelimit.v3.RateLimitService/"
 
 
 def _exporter(protocol: str) -> SpanExporter:
@@ -71,12 +69,39 @@ class Tracing:
     def extract(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> Context:
         """The caller's trace context from gRPC metadata (empty when there is none)."""
         carrier = {
-            key.lower(): value for key, value in metadata or () if isinstance(value, str)
+            key.lower(): value if isinstance(value, str) else value.decode("latin-1")
+            for key, value in metadata or ()
+            if not key.endswith("-bin")
         }
         return self.propagator.extract(carrier)
 
-    def interceptor(self) -> grpc.aio.ServerInterceptor:
-        return _TracingInterceptor(self)
+    @contextlib.contextmanager
+    def server_span(
+        self, method: str, metadata: Sequence[tuple[str, str | bytes]], domain: str
+    ) -> Iterator[Callable[[int, str], None]]:
+        """The SERVER span of one call, current while it runs (the store's spans are its
+        children); the caller reports the gRPC outcome with the function yielded."""
+        service, _, name = method[1:].partition("/")
+        with self.tracer.start_as_current_span(
+            method[1:],
+            context=self.extract(metadata),
+            kind=SpanKind.SERVER,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": name,
+                "ratelimit.domain": domain,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+
+            def outcome(code: int, message: str) -> None:
+                span.set_attribute("rpc.grpc.status_code", code)
+                if code:
+                    span.set_status(Status(StatusCode.ERROR, message))
+
+            yield outcome
 
     def wrap_store(self, store: CounterStore) -> CounterStore:
         return TracedStore(store, self)
@@ -84,56 +109,6 @@ class Tracing:
     async def shutdown(self) -> None:
         # Flushing the batch processor blocks on the network: keep the event loop free.
         await asyncio.to_thread(self.provider.shutdown)
-
-
-class _TracingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, tracing: Tracing) -> None:
-        self.tracing = tracing
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[Any], Awaitable[Any]],
-        handler_call_details: Any,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        return handler._replace(
-            unary_unary=self._traced(handler.unary_unary, method, handler_call_details)
-        )
-
-    def _traced(self, behaviour: Callable[..., Any], method: str, details: Any) -> Any:
-        tracing = self.tracing
-        service, _, name = method[1:].partition("/")
-
-        async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            parent = tracing.extract(details.invocation_metadata)
-            with tracing.tracer.start_as_current_span(
-                method[1:],
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes={
-                    "rpc.system": "grpc",
-                    "rpc.service": service,
-                    "rpc.method": name,
-                    "ratelimit.domain": getattr(request, "domain", ""),
-                },
-                record_exception=False,
-                set_status_on_exception=False,
-            ) as span:
-                try:
-                    response = await behaviour(request, context)
-                except BaseException:
-                    code = context.code()
-                    status = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-                    span.set_attribute("rpc.grpc.status_code", status.value[0])
-                    span.set_status(Status(StatusCode.ERROR, context.details() or status.name))
-                    raise
-                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
-                return response
-
-        return traced
 
 
 class TracedStore:

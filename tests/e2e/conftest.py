@@ -58,11 +58,18 @@ def e2e_redis() -> Iterator[RedisServer | None]:
         server.close()
 
 
-@pytest.fixture(scope="session")
+# Both gRPC transports (docs/transports.md) behind the real Envoy ratelimit filter.
+TRANSPORTS = ["pyvoy", "grpcio"]
+
+
+@pytest.fixture(scope="session", params=TRANSPORTS)
 def _envoy_stack(
-    tmp_path_factory: pytest.TempPathFactory, upstream_port: int, e2e_redis: RedisServer | None
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    upstream_port: int,
+    e2e_redis: RedisServer | None,
 ) -> Iterator[EnvoyStack]:
-    stacks = Stacks(tmp_path_factory.mktemp("envoy-stack"), upstream_port)
+    stacks = Stacks(tmp_path_factory.mktemp("envoy-stack"), upstream_port, request.param)
     try:
         service = stacks.service(
             redis_url=e2e_redis.url if e2e_redis is not None else None,
@@ -80,9 +87,9 @@ def envoy_stack(_envoy_stack: EnvoyStack) -> EnvoyStack:
     return _envoy_stack
 
 
-@pytest.fixture
-def stacks(tmp_path: Path, upstream_port: int) -> Iterator[Stacks]:
-    factory = Stacks(tmp_path, upstream_port)
+@pytest.fixture(params=TRANSPORTS)
+def stacks(request: pytest.FixtureRequest, tmp_path: Path, upstream_port: int) -> Iterator[Stacks]:
+    factory = Stacks(tmp_path, upstream_port, request.param)
     try:
         yield factory
     finally:

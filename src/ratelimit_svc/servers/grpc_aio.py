@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import Sequence
@@ -14,12 +15,37 @@ from grpc_health.v1._async import HealthServicer
 from ratelimit_svc.errors import SettingsError
 from ratelimit_svc.servers import tls
 from ratelimit_svc.servers.http_api import cannot_listen
-from ratelimit_svc.service import RateLimitService, add_to_server
+from ratelimit_svc.service import SHOULD_RATE_LIMIT, STAT_BACKEND_ERROR, RateLimitService, RpcError
 from ratelimit_svc.settings.model import Settings
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICES = ("", "ratelimit")
+
+
+def rate_limit_handlers(service: RateLimitService) -> grpc.GenericRpcHandler:
+    """ShouldRateLimit as raw bytes in and out: ``RateLimitService.handle`` parses and
+    serializes, so grpc never answers UNKNOWN for bytes it could not decode."""
+
+    async def should_rate_limit(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            # The caller's deadline needs no timer here: grpc cancels this task when it passes
+            # (Envoy sends one with every request, so a timer each would cost).
+            return await service.handle(data, None, context.invocation_metadata)
+        except RpcError as exc:
+            await context.abort(grpc.StatusCode[exc.code.name], exc.message)
+            raise AssertionError("context.abort raises") from None  # for the type checker
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                # The deadline passed while the backend was being waited for: count it as the
+                # backend timeout it is (a caller that merely went away is not an error).
+                service.stats.add(STAT_BACKEND_ERROR)
+            raise
+
+    service_name, _, method = SHOULD_RATE_LIMIT[1:].partition("/")
+    handlers = {method: grpc.unary_unary_rpc_method_handler(should_rate_limit)}
+    return grpc.method_handlers_generic_handler(service_name, handlers)
 
 
 @dataclass
@@ -58,7 +84,7 @@ async def start_grpc_server(
     """Listen; the health services start as ``serving`` says (the app's health follows).
 
     With GRPC_SERVER_USE_TLS the port is TLS (mTLS with GRPC_CLIENT_TLS_CACERT, the SAN checked
-    first of all interceptors with GRPC_CLIENT_TLS_SAN); ``interceptors`` (tracing) run after.
+    first of all interceptors with GRPC_CLIENT_TLS_SAN); ``interceptors`` run after.
     """
     options = [
         # WORKERS processes share the port (workers.py checks nothing else holds it); a single
@@ -76,7 +102,7 @@ async def start_grpc_server(
         if settings.grpc_tls.client_tls_san:
             chain.insert(0, tls.SanCheck(settings.grpc_tls.client_tls_san))
     server = grpc.aio.server(options=options, interceptors=chain or None)
-    add_to_server(service, server)  # answers INVALID_ARGUMENT for undecodable bytes
+    server.add_generic_rpc_handlers((rate_limit_handlers(service),))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = listen_address(settings)

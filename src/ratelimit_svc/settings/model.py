@@ -293,6 +293,11 @@ class Settings(_Group):
     grpc_max_connection_age_grace: Annotated[
         Duration, Doc("time given to calls on a connection being closed for age")
     ] = 1 * HOUR
+    grpc_server: Annotated[
+        str,
+        choice("pyvoy", "grpcio"),
+        Doc("ours: the server carrying the gRPC port (docs/transports.md)"),
+    ] = "pyvoy"
     grpc_tls: GrpcTlsSettings = GrpcTlsSettings()
     log_level: Annotated[
         str,

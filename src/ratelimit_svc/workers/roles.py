@@ -13,12 +13,22 @@ import sys
 from collections.abc import Mapping
 from dataclasses import replace
 
-from ratelimit_svc.app import STOP_GRACE_SECONDS, App, AppHook, cancel_and_wait, serve
+from ratelimit_svc.app import (
+    STOP_GRACE_SECONDS,
+    App,
+    AppHook,
+    GrpcListener,
+    GrpcStarter,
+    cancel_and_wait,
+    serve,
+)
 from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.config.snapshot import decode
 from ratelimit_svc.config.source import ConfigSink
 from ratelimit_svc.logsetup import configure_logging
+from ratelimit_svc.servers import pyvoy
 from ratelimit_svc.servers.console.model import process_summary
+from ratelimit_svc.service import RateLimitService
 from ratelimit_svc.settings.model import Settings
 from ratelimit_svc.stats.registry import MemoryStats
 from ratelimit_svc.workers.aggregation import AggregateStats, Report
@@ -35,12 +45,35 @@ def run(settings: Settings, env: Mapping[str, str]) -> None:
     """The service: one process, or a primary and its workers (``env`` rebuilds the settings in
     each worker, the environment being the one place settings come from)."""
     count = worker_count(settings)
+    on_pyvoy = settings.grpc_server == "pyvoy"
+    if on_pyvoy and (reason := pyvoy.unavailable_reason(settings)) is not None:
+        log.warning("GRPC_SERVER=pyvoy: using grpcio instead: %s", reason)
+        on_pyvoy = False
+    if on_pyvoy and count == 1:
+        code = 0
+
+        async def supervised() -> None:
+            nonlocal code
+            code = await pyvoy.supervise(settings)
+
+        run_loop(supervised())
+        if code:
+            sys.exit(code)
+        return
     if count == 1:
         run_loop(serve(settings))
         return
     reservation = reserve_port(settings.grpc_host, settings.grpc_port)
     try:
         settings = replace(settings, workers=count, grpc_port=reservation.getsockname()[1])
+        if on_pyvoy:
+            # Every worker is an Envoy serving gRPC; this process, the primary, serves the rest.
+            pool = WorkerPool(
+                settings, dict(env), count, spawn=pyvoy.EnvoyWorker.spawn,
+                stop_grace=STOP_GRACE_SECONDS,
+            )  # fmt: skip
+            run_loop(serve(settings, app_factory=lambda s: primary_app(s, pool, grpc=False)))
+            return
         pool = WorkerPool(
             settings, dict(env), count - 1, target=worker_main, stop_grace=STOP_GRACE_SECONDS
         )
@@ -53,20 +86,38 @@ def run(settings: Settings, env: Mapping[str, str]) -> None:
 # -- the primary ----------------------------------------------------------------------------------
 
 
-def primary_app(settings: Settings, pool: WorkerPool) -> App:
-    """The process that was started: the whole App (gRPC included), whose stats also sum the
-    workers' (bounded by STATS_MAX_KEYS like any App's) and whose configs reach them; stopping
-    it stops them."""
+def primary_app(settings: Settings, pool: WorkerPool, *, grpc: bool = True) -> App:
+    """The process that was started: the whole App (gRPC included, unless only the workers
+    serve it), whose stats also sum the workers' (bounded by STATS_MAX_KEYS like any App's) and
+    whose configs reach them; stopping it stops them."""
     stats = AggregateStats(max_keys=settings.stats_max_keys)
-    return App(settings, stats=stats, hooks=[_PrimaryHook(pool, stats)])
+    hook = _PrimaryHook(pool, stats, start_pool=not grpc)
+    return App(settings, stats=stats, hooks=[hook], grpc_server=None if grpc else _no_grpc)
+
+
+class NoGrpc:
+    """The primary's gRPC port when only the workers serve it (pyvoy)."""
+
+    async def set_serving(self, serving: bool) -> None:
+        pass
+
+    async def stop(self, grace: float | None) -> None:
+        pass
+
+
+async def _no_grpc(service: RateLimitService, settings: Settings, serving: bool) -> GrpcListener:
+    return NoGrpc()
 
 
 class _PrimaryHook(AppHook):
-    def __init__(self, pool: WorkerPool, stats: AggregateStats) -> None:
+    def __init__(self, pool: WorkerPool, stats: AggregateStats, *, start_pool: bool) -> None:
         self.pool = pool
         self.stats = stats
+        self.start_pool = start_pool
 
     async def started(self, app: App) -> None:
+        if self.start_pool:  # Envoy workers are spawned, not forked: they may start this late
+            self.pool.start()
         self.pool.attach(app.pickled_config, self.stats)
         app.peer_reports = self.pool.console_reports  # the console's line per worker
         # After the primary's own listeners stopped, before the store and the final stats flush
@@ -111,7 +162,13 @@ async def _serve_worker(settings: Settings, index: int, sock: socket.socket) -> 
     await serve(settings, app_factory=lambda s: worker_app(s, link, config))
 
 
-def worker_app(settings: Settings, link: Link, config: RateLimitConfig | None) -> App:
+def worker_app(
+    settings: Settings,
+    link: Link,
+    config: RateLimitConfig | None,
+    *,
+    grpc_server: GrpcStarter | None = None,
+) -> App:
     """A gRPC worker: App's store, limiter, service and gRPC listener; no HTTP, debug port or
     sink (the primary has them). Configs come from the primary, stats go to it, and it drains
     when the primary says so or goes away."""
@@ -119,7 +176,10 @@ def worker_app(settings: Settings, link: Link, config: RateLimitConfig | None) -
     stats = MemoryStats(max_keys=settings.stats_max_keys)
     stats.sink = report
     primary = PrimaryLink(link, config, stats, report)
-    return App(settings, source=primary, stats=stats, operator_ports=False, hooks=[primary])
+    return App(
+        settings, source=primary, stats=stats, operator_ports=False, hooks=[primary],
+        grpc_server=grpc_server,
+    )  # fmt: skip
 
 
 class PrimaryLink(AppHook):

