@@ -260,8 +260,12 @@ async def test_both_workers_take_connections_and_count_exactly(workers: Workers)
     assert stats["ratelimit.redis_pool.cx_active"] >= 2  # at least one connection each
 
 
-async def test_console_shows_one_backend_line_per_process_and_their_hot_keys(workers: Workers) -> None:
+async def test_console_shows_one_backend_line_per_process_and_their_hot_keys(
+    workers: Workers, transport: str
+) -> None:
     """docs/console.md (Backend, Hot keys): each worker reports its line to the primary."""
+    if transport == "pyvoy":
+        pytest.skip("pyvoy's Envoy worker processes do not send console lines yet (docs/transports.md)")
     await workers.ask(channels=16, requests=60)  # 50 an hour: the last 10 are over
     async with aiohttp.ClientSession(f"http://127.0.0.1:{workers.service.ports['debug']}") as http:
         async with asyncio.timeout(10):
