@@ -7,6 +7,8 @@ place (``service``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class RateLimitSvcError(Exception):
     """Base class of every error raised on purpose by ratelimit-svc."""
@@ -40,3 +42,15 @@ class NoConfigError(RateLimitSvcError):
 
     def __init__(self) -> None:
         super().__init__("no rate limit configuration loaded")
+
+
+def raise_unless_any_answered(outcomes: Sequence[object]) -> None:
+    """For a ping sent to several servers: fine when any answered; else the first failure, as a
+    BackendError (a store with several servers is up while one of them is)."""
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    if len(errors) < len(outcomes):
+        return
+    if not errors:
+        raise BackendError("no server to ask")
+    error = errors[0]
+    raise error if isinstance(error, BackendError) else BackendError(str(error))

@@ -24,7 +24,7 @@ from ratelimit_svc.backends.memcache.client import (
     servers_from_srv,
     tls_context,
 )
-from ratelimit_svc.errors import BackendError
+from ratelimit_svc.errors import BackendError, raise_unless_any_answered
 from ratelimit_svc.limiter.algorithms import Step, StepResult
 from ratelimit_svc.limiter.store import Increment
 
@@ -165,10 +165,7 @@ class MemcacheStore:
             *(self._bounded(server, server.version, deadline) for server in servers),
             return_exceptions=True,
         )
-        errors = [o for o in outcomes if isinstance(o, BaseException)]
-        if len(errors) == len(outcomes):
-            error = errors[0]
-            raise error if isinstance(error, BackendError) else BackendError(str(error))
+        raise_unless_any_answered(outcomes)
 
     async def close(self) -> None:
         """Stop refreshing, send the increments still queued, close every connection."""

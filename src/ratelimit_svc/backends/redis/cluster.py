@@ -22,7 +22,7 @@ from ratelimit_svc.backends.redis.connection import (
     split_host_port,
 )
 from ratelimit_svc.backends.redis.protocol import RESET_ON, Command, PoolStats, ReplyError
-from ratelimit_svc.errors import BackendError
+from ratelimit_svc.errors import BackendError, raise_unless_any_answered
 from ratelimit_svc.limiter.algorithms import Step
 
 if TYPE_CHECKING:
@@ -148,10 +148,7 @@ class ClusterStore(CommandStore):
             *(self._exchange(name, [("PING",)], deadline) for name in primaries),
             return_exceptions=True,
         )
-        errors = [o for o in outcomes if isinstance(o, BaseException)]
-        if len(errors) == len(outcomes):
-            error = errors[0]
-            raise error if isinstance(error, BackendError) else BackendError(str(error))
+        raise_unless_any_answered(outcomes)
 
     async def close(self) -> None:
         self._closed = True
