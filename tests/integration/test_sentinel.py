@@ -125,7 +125,7 @@ async def test_wrong_credentials_fail_without_showing_them(
     with pytest.raises(BackendError) as caught:
         await open_redis_store(
             settings(redis_sentinel.url, **{field: secret}),
-            op_timeout=1.0,
+            op_timeout=10.0,  # generous: a timed-out attempt under load would hide the auth error
             startup_initial_interval=0.01,
             startup_max_interval=0.01,
             startup_max_elapsed=0.02,
