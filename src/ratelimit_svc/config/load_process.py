@@ -1,19 +1,21 @@
-"""Loading the file config in a child process, so that a reload never stalls serving.
+"""Building a config in a child process, so that a load never stalls serving.
 
 Reading, parsing, validating and building the rule tree of a big config takes seconds of CPU and
-hundreds of MB of short-lived YAML nodes. ``load_in_child`` runs all of it in a process forked
-from multiprocessing's fork server (never forked from this process, whose gRPC threads do not
-survive a fork), at a lower CPU priority, which answers with the finished ``RateLimitConfig``
-encoded (config/snapshot.py). This process only reads that answer from a socket and decodes it a
-slice at a time: its event loop keeps serving, and its memory grows by the finished tree, not by
-the parse (docs/reliability.md). A child that crashes or is killed (out of memory) is a failed
-load like a bad file: the last good config stays.
+hundreds of MB of short-lived YAML nodes. ``build_in_child`` runs all of it (a file load, or a big
+xDS update) in a process forked from multiprocessing's fork server (never forked from this
+process, whose gRPC threads do not survive a fork; the fork server is started once, so no load
+starts an interpreter), at a lower CPU priority, which answers with the finished
+``RateLimitConfig`` encoded (config/snapshot.py). This process only reads that answer from a
+socket and decodes it a slice at a time: its event loop keeps serving, and its memory grows by the
+finished tree, not by the parse (docs/reliability.md). A child that crashes or is killed (out of
+memory) is a failed load like a bad file: the last good config stays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -21,6 +23,7 @@ import os
 import pickle
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,14 +53,30 @@ async def load_in_child(
     """``config.files.load_from_files`` in a child process: the config, None when there is no config
     directory configured, or ConfigError (a bad file, or a child that died). What the child
     logged is logged here, under the same logger names."""
-    # The first use starts the fork server (a new interpreter importing this module): slow,
-    # so not on the event loop. Every later load forks a warm copy of it in milliseconds.
-    _CONTEXT.set_forkserver_preload([__name__])  # no effect once the fork server runs
+    return await build_in_child(
+        load_from_files,
+        location,
+        merge_domains=merge_domains,
+        fixed_windows_only=fixed_windows_only,
+    )
+
+
+async def build_in_child(
+    build: Callable[..., RateLimitConfig | None], *args: Any, **kwargs: Any
+) -> LoadedConfig | None:
+    """``build(*args, **kwargs)`` in a child process (``build`` and its arguments are pickled:
+    a module-level function and plain values): what it returns, encoded there and decoded here a
+    slice at a time; ConfigError for what it raises, or when the child dies before answering.
+    The file loader and the xDS client (config/xds.py) both use it."""
+    # The first use starts the fork server (a new interpreter importing this module and the
+    # builder's): slow, so not on the event loop. Every later load forks a warm copy of it in
+    # milliseconds, with no interpreter start and no imports.
+    _CONTEXT.set_forkserver_preload([__name__, build.__module__])  # no effect once it runs
     await asyncio.to_thread(multiprocessing.forkserver.ensure_running)
     ours, theirs = socket.socketpair()
     process: Any = _CONTEXT.Process(
         target=_child_main,
-        args=(theirs, location, merge_domains, fixed_windows_only),
+        args=(theirs, build, args, kwargs),
         name="ratelimit-config-load",
         daemon=True,
     )
@@ -88,7 +107,8 @@ async def load_in_child(
             f"the config load process (pid {process.pid}) {how} before answering"
             + (" (out of memory?)" if code == -9 else "")
         )
-    status, payload, records = await asyncio.to_thread(pickle.loads, answer)
+    status, payload, records = pickle.loads(answer)  # a list of slices: quick to unpickle
+    del answer
     for level, name, message in records:
         logging.getLogger(name).log(level, "%s", message)
     if status == "error":
@@ -112,12 +132,19 @@ class _Records(logging.Handler):
 
 
 def _child_main(
-    sock: socket.socket, location: RuntimeLocation, merge_domains: bool, fixed_windows_only: str
+    sock: socket.socket,
+    build: Callable[..., RateLimitConfig | None],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> None:
     # Below the serving processes in the CPU queue: on a busy machine a load takes longer rather
     # than slowing requests down.
     with contextlib.suppress(OSError):
         os.nice(LOAD_NICENESS)
+    # The parse makes about ten container objects per config line, none of them in a cycle: the
+    # cyclic collector would scan them again and again (more than half of this process's CPU
+    # for a big config) to free nothing. This process ends after one load.
+    gc.disable()
     handler = _Records()
     package = logging.getLogger(__name__.partition(".")[0])
     package.addHandler(handler)
@@ -126,9 +153,7 @@ def _child_main(
     result: tuple[str, Any, list[tuple[int, str, str]]]
     started = time.process_time()
     try:
-        config = load_from_files(
-            location, merge_domains=merge_domains, fixed_windows_only=fixed_windows_only
-        )
+        config = build(*args, **kwargs)
     except ConfigError as exc:
         result = ("error", str(exc), handler.records)
     except Exception as exc:  # a defect: still only a failed load, reported as one

@@ -96,7 +96,8 @@ def _documents(config_file: ConfigFile) -> list[yaml.Node | None]:
             f"{config_file.name}: error loading config file: invalid escape in a string: {exc}"
         ) from None
     for document in documents:
-        _check_shape(config_file.name, document)
+        if not _check_shape(config_file.name, document):
+            continue
         try:
             goyaml.expand_merges(document)
         except goyaml.MergeError as exc:
@@ -108,32 +109,42 @@ def _documents(config_file: ConfigFile) -> list[yaml.Node | None]:
     return present or [None]
 
 
-def _check_shape(name: str, document: yaml.Node | None) -> None:
+def _check_shape(name: str, document: yaml.Node | None) -> bool:
     """Refuse nesting deeper than MAX_DEPTH (a recursive alias is infinitely deep) and excessive
-    aliasing, walking with an explicit stack so that the check itself cannot overflow."""
+    aliasing, walking with an explicit stack so that the check itself cannot overflow; whether
+    any mapping has a merge key (``<<``). Only collections are stacked (a scalar nests nothing),
+    and only a collection seen again counts as an alias visit (aliasing a scalar costs no more
+    than writing it out): this walk sees every node of the document, so it is kept lean."""
     stack: list[tuple[yaml.Node, int]] = [(document, 1)] if document is not None else []
     seen: set[int] = set()
     alias_visits = 0
+    merges = False
     while stack:
         node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise ConfigError(
-                f"{name}: error loading config file: nested more than {MAX_DEPTH} deep "
-                f"(or a recursive alias){_where(node, '')}"
-            )
         if id(node) in seen:
             alias_visits += 1
             if alias_visits > _ALIAS_VISITS_ALLOWED + 10 * len(seen):
                 raise ConfigError(
                     f"{name}: error loading config file: document contains excessive aliasing"
                 )
-        seen.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend((child, depth + 1) for child in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                stack.append((key, depth + 1))
-                stack.append((value, depth + 1))
+        else:
+            seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+            merges = merges or any(key.tag == goyaml.MERGE for key, _ in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            continue
+        if children and depth >= MAX_DEPTH:
+            raise ConfigError(
+                f"{name}: error loading config file: nested more than {MAX_DEPTH} deep "
+                f"(or a recursive alias){_where(children[-1], '')}"
+            )
+        stack.extend(
+            (child, depth + 1) for child in children if not isinstance(child, yaml.ScalarNode)
+        )
+    return merges
 
 
 def _json_like(value: Any, path: str) -> Any:
