@@ -70,9 +70,9 @@ async def build_in_child(
     The file loader and the xDS client (config/xds.py) both use it."""
     # The first use starts the fork server (a new interpreter importing this module and the
     # builder's): slow, so not on the event loop. Every later load forks a warm copy of it in
-    # milliseconds, with no interpreter start and no imports.
+    # milliseconds, with no interpreter start and no imports. A fork server that has died
+    # (killed, out of memory) is started again by ``ensure_running``.
     _CONTEXT.set_forkserver_preload([__name__, build.__module__])  # no effect once it runs
-    await asyncio.to_thread(multiprocessing.forkserver.ensure_running)
     ours, theirs = socket.socketpair()
     process: Any = _CONTEXT.Process(
         target=_child_main,
@@ -82,9 +82,12 @@ async def build_in_child(
     )
     try:
         try:
+            await asyncio.to_thread(multiprocessing.forkserver.ensure_running)
             # Also in a thread: start() waits for the fork server to answer with the pid, which
             # on a busy machine is not always at once.
             await asyncio.to_thread(process.start)
+        except (OSError, EOFError) as exc:  # it died just now: the next load starts a new one
+            raise ConfigError(f"the config load process could not be started: {exc}") from None
         finally:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours)
