@@ -172,10 +172,16 @@ async def test_a_load_process_that_dies_fails_that_load_only(
 async def test_a_fork_server_that_died_is_replaced_by_the_next_load(config_dir: Path) -> None:
     async with App(settings_for(config_dir)) as app:  # its first load started the fork server
         dead = fork_server_pid()
-        os.kill(dead, signal.SIGKILL)
-        async with asyncio.timeout(30):  # until it is a zombie (the next load reaps it)
-            while Path(f"/proc/{dead}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
-                await asyncio.sleep(0.01)
+        exited = asyncio.Event()  # a pidfd turns readable when its process has exited
+        pidfd = os.pidfd_open(dead)
+        asyncio.get_running_loop().add_reader(pidfd, exited.set)
+        try:
+            os.kill(dead, signal.SIGKILL)
+            async with asyncio.timeout(30):
+                await exited.wait()  # a zombie now, until the next load reaps it
+        finally:
+            asyncio.get_running_loop().remove_reader(pidfd)
+            os.close(pidfd)
         (config_dir / "b.yaml").write_text(rules("beta"))
         assert isinstance(app.source, FileSource)
         await app.source.load(app)

@@ -161,8 +161,6 @@ async def test_a_call_is_answered_while_a_large_update_is_built(
                 assert isinstance(app.source, xds.XdsConfigClient) and app.source.version == "v1"
             finally:
                 os.kill(server, signal.SIGCONT)
-            async with asyncio.timeout(WAIT_SECONDS):
-                while app.source.version != "v2":  # the ACK: no event of ours to wait on
-                    await asyncio.sleep(0.05)
+            await ads.wait_request(lambda seen: seen.is_ack and seen.request.version_info == "v2")
             response = await stub.ShouldRateLimit(REQUEST)
             assert response.statuses[0].current_limit.requests_per_unit == 5
