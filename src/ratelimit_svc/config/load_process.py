@@ -22,6 +22,7 @@ import multiprocessing.forkserver
 import os
 import pickle
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,37 +91,63 @@ async def build_in_child(
             raise ConfigError(f"the config load process could not be started: {exc}") from None
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
-        try:
-            answer = await reader.read()  # until the child closes its end
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+        answer = await _receive(ours)
         await asyncio.to_thread(process.join)
     finally:
         ours.close()
         if process.is_alive():  # cancelled (the service is stopping): do not leave it running
             process.kill()
             await asyncio.shield(asyncio.to_thread(process.join))
-    if not answer:
+    if answer is None:
         code = process.exitcode
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         raise ConfigError(
             f"the config load process (pid {process.pid}) {how} before answering"
             + (" (out of memory?)" if code == -9 else "")
         )
-    status, payload, records = pickle.loads(answer)  # a list of slices: quick to unpickle
-    del answer
+    (status, error, records), payload = answer
     for level, name, message in records:
         logging.getLogger(name).log(level, "%s", message)
     if status == "error":
-        raise ConfigError(payload)
+        raise ConfigError(error)
     if status == "none":
         return None
     config = await decode(payload)
     assert config is not None  # the child sends "none" for no config
     return LoadedConfig(config, payload)
+
+
+_SIZES = struct.Struct("!QQ")  # the answer: the sizes of its header and of the encoded config
+
+
+async def _receive(sock: socket.socket) -> tuple[Any, bytes] | None:
+    """The child's answer: its header (status, error, log records) and the encoded config, or
+    None when it closed its end first. Read into buffers of the announced sizes, chunk by chunk
+    as the loop hands them over: a 13 MB snapshot is never joined or copied whole here."""
+    sock.setblocking(False)
+    sizes = await _read_exactly(sock, _SIZES.size)
+    if sizes is None:
+        return None
+    header_size, payload_size = _SIZES.unpack(sizes)
+    header = await _read_exactly(sock, header_size)
+    payload = await _read_exactly(sock, payload_size)
+    if header is None or payload is None:
+        return None
+    return pickle.loads(header), bytes(payload)
+
+
+async def _read_exactly(sock: socket.socket, size: int) -> bytearray | None:
+    loop = asyncio.get_running_loop()
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    done = 0
+    while done < size:
+        got = await loop.sock_recv_into(sock, view[done:])
+        if not got:
+            return None
+        done += got
+    view.release()
+    return buffer
 
 
 class _Records(logging.Handler):
@@ -153,17 +180,22 @@ def _child_main(
     package.addHandler(handler)
     package.setLevel(logging.DEBUG)
     package.propagate = False
-    result: tuple[str, Any, list[tuple[int, str, str]]]
+    status, error, encoded = "ok", "", b""
     started = time.process_time()
     try:
         config = build(*args, **kwargs)
     except ConfigError as exc:
-        result = ("error", str(exc), handler.records)
+        status, error = "error", str(exc)
     except Exception as exc:  # a defect: still only a failed load, reported as one
-        result = ("error", f"unexpected {type(exc).__name__} while loading: {exc}", handler.records)
+        status, error = "error", f"unexpected {type(exc).__name__} while loading: {exc}"
     else:
-        encoded = None if config is None else encode(config)
+        if config is None:
+            status = "none"
+        else:
+            encoded = encode(config)
         log.info("config load process: %.3fs of CPU", time.process_time() - started)
-        result = ("none" if encoded is None else "ok", encoded, handler.records)
+    header = pickle.dumps((status, error, handler.records), pickle.HIGHEST_PROTOCOL)
     with sock:
-        sock.sendall(pickle.dumps(result, pickle.HIGHEST_PROTOCOL))
+        sock.sendall(_SIZES.pack(len(header), len(encoded)))
+        sock.sendall(header)
+        sock.sendall(encoded)
