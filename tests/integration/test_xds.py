@@ -86,7 +86,9 @@ class Applied:
         self.stats = stats
         self._changed = asyncio.Event()
 
-    def loaded(self, config: RateLimitConfig, detail: str = "") -> None:
+    def loaded(
+        self, config: RateLimitConfig, detail: str = "", *, pickled: bytes | None = None
+    ) -> None:
         self.configs.append(config)
         self.stats.add(STAT_LOAD_SUCCESS)
         self._changed.set()

@@ -26,6 +26,9 @@ def fixed_windows_only(settings: Settings) -> str:
     return settings.backend_type if settings.backend_type == "memcache" else ""
 
 
+_UNITS = {unit.name: unit for unit in Unit}  # (Unit.__members__ makes a new proxy per call)
+_NO_NAMES: frozenset[str] = frozenset()
+
 # Where an error points: (the input's node, or None; the path in the document) -> " (...)".
 Locate = Callable[[Any, str], str]
 
@@ -183,7 +186,7 @@ class Builder:
         self, d: ParsedDescriptor, limit: ParsedLimit, stats_key: str, suffix: str
     ) -> Rule:
         path = limit.path or f"{d.path}.rate_limit"
-        unit = Unit.__members__.get(limit.unit.upper(), Unit.UNKNOWN)
+        unit = _UNITS.get(limit.unit.upper(), Unit.UNKNOWN)
         valid_unit = unit is not Unit.UNKNOWN
         if limit.unlimited:
             if valid_unit:
@@ -206,7 +209,7 @@ class Builder:
             unit=unit,
             stats_key=stats_key,
             name=limit.name,
-            replaces=frozenset(limit.replaces),
+            replaces=frozenset(limit.replaces) if limit.replaces else _NO_NAMES,
             unlimited=limit.unlimited,
             shadow_mode=d.shadow_mode,
             quota_mode=d.quota_mode,

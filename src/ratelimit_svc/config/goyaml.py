@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -161,16 +162,26 @@ class _GoResolver:
     """Scalar resolution by go-yaml v2's rules; collections keep PyYAML's default tags."""
 
     def resolve(self, kind: type[yaml.Node], value: Any, implicit: tuple[bool, bool]) -> str:
-        if kind is yaml.ScalarNode:
-            return resolve_plain(value) if implicit[0] else STR
-        return "tag:yaml.org,2002:seq" if kind is yaml.SequenceNode else "tag:yaml.org,2002:map"
+        return _resolve(kind, value, implicit)
+
+
+def _resolve(kind: type[yaml.Node], value: Any, implicit: tuple[bool, bool]) -> str:
+    if kind is yaml.ScalarNode:
+        return resolve_plain(value) if implicit[0] else STR
+    return "tag:yaml.org,2002:seq" if kind is yaml.SequenceNode else "tag:yaml.org,2002:map"
 
 
 _BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class Loader(_GoResolver, _BaseLoader):  # type: ignore[misc,valid-type]
-    """Composes YAML with go-yaml v2's scalar tags (libyaml's parser when present)."""
+    """Composes YAML with go-yaml v2's scalar tags (libyaml's parser when present).
+
+    The composer asks once per node (with text, never a list, as the value); rule files repeat
+    the same few keys, units and numbers, so the answers are cached, and a cached answer costs
+    no Python call: the cache is the method itself."""
+
+    resolve = staticmethod(functools.lru_cache(maxsize=4096)(_resolve))  # type: ignore[assignment]
 
 
 class Dumper(_GoResolver, yaml.SafeDumper):

@@ -1,26 +1,30 @@
-"""Loading the file config in a child process, so that a reload never stalls serving.
+"""Building a config in a child process, so that a load never stalls serving.
 
 Reading, parsing, validating and building the rule tree of a big config takes seconds of CPU and
-hundreds of MB of short-lived YAML nodes. ``load_in_child`` runs all of it in a process forked
-from multiprocessing's fork server (never forked from this process, whose gRPC threads do not
-survive a fork), at a lower CPU priority, which answers with the finished ``RateLimitConfig``
-encoded (config/snapshot.py). This process only reads that answer from a socket and decodes it a
-slice at a time: its event loop keeps serving, and its memory grows by the finished tree, not by
-the parse (docs/reliability.md). A child that crashes or is killed (out of memory) is a failed
-load like a bad file: the last good config stays.
+hundreds of MB of short-lived YAML nodes. ``build_in_child`` runs all of it (a file load, or a big
+xDS update) in a process forked from multiprocessing's fork server (never forked from this
+process, whose gRPC threads do not survive a fork; the fork server is started once, so no load
+starts an interpreter), at a lower CPU priority, which answers with the finished
+``RateLimitConfig`` encoded (config/snapshot.py). This process only reads that answer from a
+socket and decodes it a slice at a time: its event loop keeps serving, and its memory grows by the
+finished tree, not by the parse (docs/reliability.md). A child that crashes or is killed (out of
+memory) is a failed load like a bad file: the last good config stays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import pickle
 import socket
+import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,54 +54,100 @@ async def load_in_child(
     """``config.files.load_from_files`` in a child process: the config, None when there is no config
     directory configured, or ConfigError (a bad file, or a child that died). What the child
     logged is logged here, under the same logger names."""
-    # The first use starts the fork server (a new interpreter importing this module): slow,
-    # so not on the event loop. Every later load forks a warm copy of it in milliseconds.
-    _CONTEXT.set_forkserver_preload([__name__])  # no effect once the fork server runs
-    await asyncio.to_thread(multiprocessing.forkserver.ensure_running)
+    return await build_in_child(
+        load_from_files,
+        location,
+        merge_domains=merge_domains,
+        fixed_windows_only=fixed_windows_only,
+    )
+
+
+async def build_in_child(
+    build: Callable[..., RateLimitConfig | None], *args: Any, **kwargs: Any
+) -> LoadedConfig | None:
+    """``build(*args, **kwargs)`` in a child process (``build`` and its arguments are pickled:
+    a module-level function and plain values): what it returns, encoded there and decoded here a
+    slice at a time; ConfigError for what it raises, or when the child dies before answering.
+    The file loader and the xDS client (config/xds.py) both use it."""
+    # The first use starts the fork server (a new interpreter importing this module and the
+    # builder's): slow, so not on the event loop. Every later load forks a warm copy of it in
+    # milliseconds, with no interpreter start and no imports. A fork server that has died
+    # (killed, out of memory) is started again by ``ensure_running``.
+    _CONTEXT.set_forkserver_preload([__name__, build.__module__])  # no effect once it runs
     ours, theirs = socket.socketpair()
     process: Any = _CONTEXT.Process(
         target=_child_main,
-        args=(theirs, location, merge_domains, fixed_windows_only),
+        args=(theirs, build, args, kwargs),
         name="ratelimit-config-load",
         daemon=True,
     )
     try:
         try:
+            await asyncio.to_thread(multiprocessing.forkserver.ensure_running)
             # Also in a thread: start() waits for the fork server to answer with the pid, which
             # on a busy machine is not always at once.
             await asyncio.to_thread(process.start)
+        except (OSError, EOFError) as exc:  # it died just now: the next load starts a new one
+            raise ConfigError(f"the config load process could not be started: {exc}") from None
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
-        try:
-            answer = await reader.read()  # until the child closes its end
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+        answer = await _receive(ours)
         await asyncio.to_thread(process.join)
     finally:
         ours.close()
         if process.is_alive():  # cancelled (the service is stopping): do not leave it running
             process.kill()
             await asyncio.shield(asyncio.to_thread(process.join))
-    if not answer:
+    if answer is None:
         code = process.exitcode
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
         raise ConfigError(
             f"the config load process (pid {process.pid}) {how} before answering"
             + (" (out of memory?)" if code == -9 else "")
         )
-    status, payload, records = await asyncio.to_thread(pickle.loads, answer)
+    (status, error, records), payload = answer
     for level, name, message in records:
         logging.getLogger(name).log(level, "%s", message)
     if status == "error":
-        raise ConfigError(payload)
+        raise ConfigError(error)
     if status == "none":
         return None
     config = await decode(payload)
     assert config is not None  # the child sends "none" for no config
     return LoadedConfig(config, payload)
+
+
+_SIZES = struct.Struct("!QQ")  # the answer: the sizes of its header and of the encoded config
+
+
+async def _receive(sock: socket.socket) -> tuple[Any, bytes] | None:
+    """The child's answer: its header (status, error, log records) and the encoded config, or
+    None when it closed its end first. Read into buffers of the announced sizes, chunk by chunk
+    as the loop hands them over: a 13 MB snapshot is never joined or copied whole here."""
+    sock.setblocking(False)
+    sizes = await _read_exactly(sock, _SIZES.size)
+    if sizes is None:
+        return None
+    header_size, payload_size = _SIZES.unpack(sizes)
+    header = await _read_exactly(sock, header_size)
+    payload = await _read_exactly(sock, payload_size)
+    if header is None or payload is None:
+        return None
+    return pickle.loads(header), bytes(payload)
+
+
+async def _read_exactly(sock: socket.socket, size: int) -> bytearray | None:
+    loop = asyncio.get_running_loop()
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    done = 0
+    while done < size:
+        got = await loop.sock_recv_into(sock, view[done:])
+        if not got:
+            return None
+        done += got
+    view.release()
+    return buffer
 
 
 class _Records(logging.Handler):
@@ -112,30 +162,40 @@ class _Records(logging.Handler):
 
 
 def _child_main(
-    sock: socket.socket, location: RuntimeLocation, merge_domains: bool, fixed_windows_only: str
+    sock: socket.socket,
+    build: Callable[..., RateLimitConfig | None],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> None:
     # Below the serving processes in the CPU queue: on a busy machine a load takes longer rather
     # than slowing requests down.
     with contextlib.suppress(OSError):
         os.nice(LOAD_NICENESS)
+    # The parse makes about ten container objects per config line, none of them in a cycle: the
+    # cyclic collector would scan them again and again (more than half of this process's CPU
+    # for a big config) to free nothing. This process ends after one load.
+    gc.disable()
     handler = _Records()
     package = logging.getLogger(__name__.partition(".")[0])
     package.addHandler(handler)
     package.setLevel(logging.DEBUG)
     package.propagate = False
-    result: tuple[str, Any, list[tuple[int, str, str]]]
+    status, error, encoded = "ok", "", b""
     started = time.process_time()
     try:
-        config = load_from_files(
-            location, merge_domains=merge_domains, fixed_windows_only=fixed_windows_only
-        )
+        config = build(*args, **kwargs)
     except ConfigError as exc:
-        result = ("error", str(exc), handler.records)
+        status, error = "error", str(exc)
     except Exception as exc:  # a defect: still only a failed load, reported as one
-        result = ("error", f"unexpected {type(exc).__name__} while loading: {exc}", handler.records)
+        status, error = "error", f"unexpected {type(exc).__name__} while loading: {exc}"
     else:
-        encoded = None if config is None else encode(config)
+        if config is None:
+            status = "none"
+        else:
+            encoded = encode(config)
         log.info("config load process: %.3fs of CPU", time.process_time() - started)
-        result = ("none" if encoded is None else "ok", encoded, handler.records)
+    header = pickle.dumps((status, error, handler.records), pickle.HIGHEST_PROTOCOL)
     with sock:
-        sock.sendall(pickle.dumps(result, pickle.HIGHEST_PROTOCOL))
+        sock.sendall(_SIZES.pack(len(header), len(encoded)))
+        sock.sendall(header)
+        sock.sendall(encoded)

@@ -96,7 +96,8 @@ def _documents(config_file: ConfigFile) -> list[yaml.Node | None]:
             f"{config_file.name}: error loading config file: invalid escape in a string: {exc}"
         ) from None
     for document in documents:
-        _check_shape(config_file.name, document)
+        if not _check_shape(config_file.name, document, anchors="&" in config_file.text):
+            continue
         try:
             goyaml.expand_merges(document)
         except goyaml.MergeError as exc:
@@ -108,32 +109,43 @@ def _documents(config_file: ConfigFile) -> list[yaml.Node | None]:
     return present or [None]
 
 
-def _check_shape(name: str, document: yaml.Node | None) -> None:
+def _check_shape(name: str, document: yaml.Node | None, *, anchors: bool = True) -> bool:
     """Refuse nesting deeper than MAX_DEPTH (a recursive alias is infinitely deep) and excessive
-    aliasing, walking with an explicit stack so that the check itself cannot overflow."""
+    aliasing, walking with an explicit stack so that the check itself cannot overflow; whether
+    any mapping has a merge key (``<<``). Only collections are stacked (a scalar nests nothing),
+    and only a collection seen again counts as an alias visit (aliasing a scalar costs no more
+    than writing it out): this walk sees every node of the document, so it is kept lean. With no
+    ``anchors`` in the text there is no alias either, so no node can be seen twice."""
     stack: list[tuple[yaml.Node, int]] = [(document, 1)] if document is not None else []
     seen: set[int] = set()
     alias_visits = 0
+    merges = False
     while stack:
         node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise ConfigError(
-                f"{name}: error loading config file: nested more than {MAX_DEPTH} deep "
-                f"(or a recursive alias){_where(node, '')}"
-            )
-        if id(node) in seen:
+        if anchors and id(node) in seen:
             alias_visits += 1
             if alias_visits > _ALIAS_VISITS_ALLOWED + 10 * len(seen):
                 raise ConfigError(
                     f"{name}: error loading config file: document contains excessive aliasing"
                 )
-        seen.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend((child, depth + 1) for child in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                stack.append((key, depth + 1))
-                stack.append((value, depth + 1))
+        elif anchors:
+            seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+            merges = merges or any(key.tag == goyaml.MERGE for key, _ in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            continue
+        if children and depth >= MAX_DEPTH:
+            raise ConfigError(
+                f"{name}: error loading config file: nested more than {MAX_DEPTH} deep "
+                f"(or a recursive alias){_where(children[-1], '')}"
+            )
+        stack.extend(
+            (child, depth + 1) for child in children if not isinstance(child, yaml.ScalarNode)
+        )
+    return merges
 
 
 def _json_like(value: Any, path: str) -> Any:
@@ -180,6 +192,11 @@ def _parser_message(exc: yaml.YAMLError) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _at(path: str, name: str) -> str:
+    """``path.name`` (joined only for an error message: most fields are fine)."""
+    return f"{path}.{name}" if name else path
 
 
 def _where(node: yaml.Node | None, path: str) -> str:
@@ -275,62 +292,64 @@ class _Loader:
             f"!!{kind}{shown} into {expected} ({path})"
         )
 
-    def text(self, node: yaml.Node | None, path: str) -> str:
+    def text(self, node: yaml.Node | None, path: str, name: str = "") -> str:
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
             return ""
         if not isinstance(node, yaml.ScalarNode):
-            raise self.type_error(node, path, "string")
+            raise self.type_error(node, _at(path, name), "string")
         try:
             return goyaml.go_text(node)
         except ValueError as exc:
-            raise self.error(f"error loading config file: {exc}", node, path) from None
+            raise self.error(f"error loading config file: {exc}", node, _at(path, name)) from None
 
-    def boolean(self, node: yaml.Node | None, path: str) -> bool:
+    def boolean(self, node: yaml.Node | None, path: str, name: str = "") -> bool:
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
             return False
         value = goyaml.go_bool(node.value) if isinstance(node, yaml.ScalarNode) else None
         if node.tag != _BOOL or value is None:  # `!!bool maybe` too
-            raise self.type_error(node, path, "bool")
+            raise self.type_error(node, _at(path, name), "bool")
         return value
 
-    def uint32(self, node: yaml.Node | None, path: str) -> int:
+    def uint32(self, node: yaml.Node | None, path: str, name: str = "") -> int:
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
             return 0
         if isinstance(node, yaml.ScalarNode) and node.tag == _INT:
             number = goyaml.go_int(node.value)  # None: `!!int 0x`
             if number is not None and 0 <= number <= _UINT32_MAX:
                 return number
-        raise self.type_error(node, path, "uint32")
+        raise self.type_error(node, _at(path, name), "uint32")
 
-    def mapping(self, node: yaml.Node | None, path: str) -> dict[str, yaml.Node]:
+    def mapping(self, node: yaml.Node | None, path: str, name: str = "") -> dict[str, yaml.Node]:
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
             return {}
         if not isinstance(node, yaml.MappingNode):
-            raise self.type_error(node, path, "map")
+            raise self.type_error(node, _at(path, name), "map")
         return {k.value: v for k, v in node.value}
 
-    def sequence(self, node: yaml.Node | None, path: str) -> list[yaml.Node]:
+    def sequence(self, node: yaml.Node | None, path: str, name: str = "") -> list[yaml.Node]:
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
             return []
         if not isinstance(node, yaml.SequenceNode):
-            raise self.type_error(node, path, "list")
+            raise self.type_error(node, _at(path, name), "list")
         return list(node.value)
 
-    def free_form(self, node: yaml.Node | None, path: str) -> dict[str, Any] | None:
+    def free_form(self, node: yaml.Node | None, path: str, name: str = "") -> dict[str, Any] | None:
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
             return None
         if not isinstance(node, yaml.MappingNode):
-            raise self.type_error(node, path, "map")
+            raise self.type_error(node, _at(path, name), "map")
         try:
             value = goyaml.go_value(node)
         except ValueError as exc:  # `!!float x`
             raise self.error(
-                f"error loading config file: cannot construct a value: {exc}", node, path
+                f"error loading config file: cannot construct a value: {exc}",
+                node,
+                _at(path, name),
             ) from None
         try:
-            plain: dict[str, Any] = _json_like(value, path)
+            plain: dict[str, Any] = _json_like(value, _at(path, name))
         except ValueError as exc:
-            raise self.error(f"error loading config file: {exc}", node, path) from None
+            raise self.error(f"error loading config file: {exc}", node, _at(path, name)) from None
         return plain
 
     # -- steps 4-6 -------------------------------------------------------------------------------
@@ -371,51 +390,49 @@ class _Loader:
                 limits[0].path = ""  # a single limit: the reference's place
         children = [
             self.parse_descriptor(child, f"{path}.descriptors[{i}]")
-            for i, child in enumerate(
-                self.sequence(fields.get("descriptors"), f"{path}.descriptors")
-            )
+            for i, child in enumerate(self.sequence(fields.get("descriptors"), path, "descriptors"))
         ]
         return ParsedDescriptor(
             node=node,
             path=path,
-            key=self.text(fields.get("key"), f"{path}.key"),
-            value=self.text(fields.get("value"), f"{path}.value"),
+            key=self.text(fields.get("key"), path, "key"),
+            value=self.text(fields.get("value"), path, "value"),
             rate_limit=limits[0] if limits else None,
             more_limits=limits[1:],
             charge_only_when_admitted=self.boolean(
-                fields.get("charge_only_when_admitted"), f"{path}.charge_only_when_admitted"
+                fields.get("charge_only_when_admitted"), path, "charge_only_when_admitted"
             ),
-            shadow_mode=self.boolean(fields.get("shadow_mode"), f"{path}.shadow_mode"),
-            quota_mode=self.boolean(fields.get("quota_mode"), f"{path}.quota_mode"),
-            detailed_metric=self.boolean(fields.get("detailed_metric"), f"{path}.detailed_metric"),
-            value_to_metric=self.boolean(fields.get("value_to_metric"), f"{path}.value_to_metric"),
-            share_threshold=self.boolean(fields.get("share_threshold"), f"{path}.share_threshold"),
-            metadata=self.free_form(fields.get("metadata"), f"{path}.metadata"),
+            shadow_mode=self.boolean(fields.get("shadow_mode"), path, "shadow_mode"),
+            quota_mode=self.boolean(fields.get("quota_mode"), path, "quota_mode"),
+            detailed_metric=self.boolean(fields.get("detailed_metric"), path, "detailed_metric"),
+            value_to_metric=self.boolean(fields.get("value_to_metric"), path, "value_to_metric"),
+            share_threshold=self.boolean(fields.get("share_threshold"), path, "share_threshold"),
+            metadata=self.free_form(fields.get("metadata"), path, "metadata"),
             children=children,
         )
 
     def parse_limit(self, node: yaml.Node, rl_path: str, *, in_list: bool = False) -> ParsedLimit:
         rl = self.mapping(node, rl_path)
         replaces = []
-        for i, item in enumerate(self.sequence(rl.get("replaces"), f"{rl_path}.replaces")):
+        for i, item in enumerate(self.sequence(rl.get("replaces"), rl_path, "replaces")):
             entry = self.mapping(item, f"{rl_path}.replaces[{i}]")
             replaces.append(self.text(entry.get("name"), f"{rl_path}.replaces[{i}].name"))
         return ParsedLimit(
             node=node,
             path=rl_path,
-            unit=self.text(rl.get("unit"), f"{rl_path}.unit"),
+            unit=self.text(rl.get("unit"), rl_path, "unit"),
             requests_per_unit=self.uint32(
-                rl.get("requests_per_unit"), f"{rl_path}.requests_per_unit"
+                rl.get("requests_per_unit"), rl_path, "requests_per_unit"
             ),
-            unlimited=self.boolean(rl.get("unlimited"), f"{rl_path}.unlimited"),
-            name=self.text(rl.get("name"), f"{rl_path}.name"),
+            unlimited=self.boolean(rl.get("unlimited"), rl_path, "unlimited"),
+            name=self.text(rl.get("name"), rl_path, "name"),
             replaces=replaces,
-            algorithm=self.text(rl.get("algorithm"), f"{rl_path}.algorithm"),
+            algorithm=self.text(rl.get("algorithm"), rl_path, "algorithm"),
             algorithm_node=rl.get("algorithm"),
-            burst=self.uint32(rl.get("burst"), f"{rl_path}.burst") if "burst" in rl else None,
+            burst=self.uint32(rl.get("burst"), rl_path, "burst") if "burst" in rl else None,
             burst_node=rl.get("burst"),
             unit_multiplier=(
-                self.uint32(rl.get("unit_multiplier"), f"{rl_path}.unit_multiplier")
+                self.uint32(rl.get("unit_multiplier"), rl_path, "unit_multiplier")
                 if "unit_multiplier" in rl
                 else None
             ),

@@ -7,9 +7,10 @@ reload swaps one reference, and every in-flight request keeps the snapshot it st
 from __future__ import annotations
 
 import enum
+import operator
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -106,6 +107,12 @@ class Rule:
     def limits(self) -> tuple[Rule, ...]:
         return (self, *self.more)
 
+    def __reduce__(self) -> tuple[type[Rule], tuple[Any, ...]]:
+        # Pickled as its constructor's arguments: every rule of a config crosses between
+        # processes on each load (config/snapshot.py), and this is half the work of the
+        # dataclass's own field-by-field state.
+        return (Rule, _rule_arguments(self))
+
     def describe(self) -> str:
         """One limit in words for /rlconfig: ``10 per 5 minute, sliding_window``."""
         every = f"{self.unit_multiplier} " if self.unit_multiplier != 1 else ""
@@ -114,6 +121,9 @@ class Rule:
         if self.algorithm is Algorithm.TOKEN_BUCKET:
             text += f" burst {self.burst or self.requests_per_unit}"
         return text
+
+
+_rule_arguments = operator.attrgetter(*(f.name for f in fields(Rule) if f.init))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
