@@ -5,10 +5,12 @@ pyvoy is an Envoy dynamic module that runs an ASGI application in Envoy's proces
 ``workers/embedded.py``, which runs the whole service. This module writes the Envoy bootstrap for
 the gRPC settings (address or GRPC_UDS, connection age and grace, keepalive, drain), starts Envoy
 with the environment the embedded interpreter needs (the shared libpython preloaded), retries a
-start that dies before the service began, logs the address once it listens, and turns
-SIGTERM/SIGINT into the service's drain: ``stop`` to the embedded app, which answers ``stopped``
-once drained and closed; then Envoy is stopped. A second signal kills Envoy at once. With
-WORKERS, ``EnvoyWorker`` starts each worker process as an Envoy sharing the reserved port.
+start that dies before the service began, logs the address once it listens, and handles the
+signals as the grpcio service does (docs/reliability.md): SIGTERM/SIGINT/SIGHUP become the
+service's drain (``stop`` to the embedded app, which answers ``stopped`` once drained and closed;
+then Envoy is stopped; a second signal kills Envoy at once), SIGUSR1 logs the embedded app's
+``status`` answer, SIGUSR2 is ignored. With WORKERS, ``EnvoyWorker`` starts each worker process as
+an Envoy sharing the reserved port.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ START_ATTEMPTS = 3  # Envoy that dies before the service starts is started again
 STOP_MARGIN_SECONDS = 10.0  # beyond drain and grace, before Envoy is killed
 DUPLICATE_SIGNAL_SECONDS = 1.0
 ADMIN_POLL_SECONDS = 0.02
+STATUS_PREFIX = "status "  # the embedded app's answer to "status"
 _ASGI_APP = "ratelimit_svc.workers.embedded:app"
 _HCM = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -289,7 +292,14 @@ class EnvoyProcess:
         return cls(process, ours)
 
     async def next_message(self) -> str | None:
-        """The embedded app's next line; None once it (or Envoy) is gone."""
+        """The embedded app's next state line; None once it (or Envoy) is gone. Its answers to
+        ``status`` (SIGUSR1) are logged on the way."""
+        while (line := await self._line()) is not None and line.startswith(STATUS_PREFIX):
+            log.warning("status (SIGUSR1): pid %d, %s, Envoy (pyvoy) pid %d",
+                        os.getpid(), line.removeprefix(STATUS_PREFIX), self.process.pid)
+        return line
+
+    async def _line(self) -> str | None:
         loop = asyncio.get_running_loop()
         while b"\n" not in self._buffer:
             try:
@@ -362,7 +372,7 @@ async def supervise(settings: Settings) -> int:
     first_signal_at = 0.0
     envoy: EnvoyProcess | None = None
 
-    def on_signal() -> None:
+    def on_signal(sig: signal.Signals) -> None:
         nonlocal first_signal_at
         if stop_requested.is_set():
             if time.monotonic() - first_signal_at < DUPLICATE_SIGNAL_SECONDS:
@@ -372,13 +382,21 @@ async def supervise(settings: Settings) -> int:
                 envoy.signal(signal.SIGKILL)
             os._exit(1)
         first_signal_at = time.monotonic()
-        log.warning("signal received: shutting down")
+        log.warning("signal received: shutting down (%s)", sig.name)
         stop_requested.set()
         if envoy is not None:
             envoy.tell("stop")
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    def on_status() -> None:
+        if envoy is None:
+            log.warning("status (SIGUSR1): pid %d, starting Envoy (pyvoy)", os.getpid())
+        else:
+            envoy.tell("status")  # the answer is logged as it comes (EnvoyProcess.next_message)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGUSR1, on_status)
+    loop.add_signal_handler(signal.SIGUSR2, log.debug, "SIGUSR2 ignored")
     if (busy := _port_refused(settings)) is not None:
         log.error("%s", busy)
         return 1
@@ -421,6 +439,7 @@ async def _serve(
         log.error("Envoy (pyvoy) exited while the service was starting")
         return 1
     log.warning("Listening for gRPC on '%s'", await envoy.listening_address(workdir))
+    log.info("started (pid %d, Envoy (pyvoy) pid %d)", os.getpid(), envoy.process.pid)
     state = await envoy.next_message()  # "stopped" after a stop; None if Envoy died
     if state == "stopped":
         envoy.signal(signal.SIGTERM)

@@ -5,9 +5,10 @@ Envoy imports ``ratelimit_svc.workers.embedded:app``. ASGI lifespan startup buil
 with the gRPC port served by ``servers.grpc_asgi`` instead of grpc.aio; after that every HTTP/2
 stream Envoy accepts is a call to it. The process that started Envoy (``servers.pyvoy``) talks to
 this one over a socket pair, one line per message: we say ``starting`` and ``ready`` (or
-``failed``); it says ``stop`` on SIGTERM, and we drain as ``App`` does (unhealthy at once,
-answering for SHUTDOWN_DRAIN_SECONDS, in-flight calls finished) and close everything before saying
-``stopped``, after which it stops Envoy. As one of WORKERS processes, the app is a gRPC worker
+``failed``); it says ``status`` on SIGUSR1 (we answer with the App's status) and ``stop`` on
+SIGTERM, and we drain as ``App`` does (unhealthy at once, answering for SHUTDOWN_DRAIN_SECONDS,
+in-flight calls finished) and close everything before saying ``stopped``, after which it stops
+Envoy. As one of WORKERS processes, the app is a gRPC worker
 (workers/roles.py) linked to the primary instead, which sends its configs and says when to stop.
 """
 
@@ -179,18 +180,25 @@ class Embedded:
         self.grpc = app.grpc.asgi
 
     async def _orders(self) -> bool:
-        """Until the supervisor says ``stop`` (True) or goes away (False)."""
+        """Until the supervisor says ``stop`` (True) or goes away (False); ``status`` (its
+        SIGUSR1) is answered with the App's status line (docs/reliability.md)."""
         if self.control is None:
             await asyncio.Event().wait()
         assert self.control is not None
         loop = asyncio.get_running_loop()
         buffer = b""
-        while b"stop" not in buffer:
-            data = await loop.sock_recv(self.control, 64)
-            if not data:
-                return False
-            buffer += data
-        return True
+        while True:
+            while b"\n" not in buffer:
+                data = await loop.sock_recv(self.control, 64)
+                if not data:
+                    return False
+                buffer += data
+            order, _, buffer = buffer.partition(b"\n")
+            if order == b"stop":
+                return True
+            if order == b"status":
+                status = "starting" if self.app is None else self.app.status()
+                self._tell(pyvoy.STATUS_PREFIX + status)
 
     async def _stop(self) -> None:
         """The App's own drain and close, once, then ``stopped`` to the supervisor."""

@@ -130,6 +130,12 @@ class _PrimaryHook(AppHook):
     def stopping(self) -> None:
         self.pool.stop()
 
+    def status_requested(self) -> None:
+        # Envoy workers run in sessions of their own, out of reach of a signal to our process
+        # group: they are asked (forked grpcio workers got the group's signal themselves).
+        if self.pool.only_workers_serve:
+            self.pool.tell_all(("status",))
+
 
 # -- a worker -------------------------------------------------------------------------------------
 
@@ -228,6 +234,8 @@ class PrimaryLink(AppHook):
                 self._sink.adopted(await decode(message[1]))
             elif message[0] == "stop":
                 app.stop()
+            elif message[0] == "status":
+                app.log_status()
         app.stop()  # the primary is gone: drain and exit rather than serve orphaned
 
     async def _report_forever(self) -> None:
