@@ -1,15 +1,17 @@
 """The pure parts of the gRPC transports (docs/transports.md): gRPC-over-ASGI framing, timeouts and
-message encoding, and the Envoy bootstrap of the pyvoy transport."""
+message encoding, and the Envoy bootstrap and log lines of the pyvoy transport."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
 import struct
 
 import pytest
 
 from ratelimit_svc.servers import pyvoy as pyvoy_server
+from ratelimit_svc.servers.envoy_log import log_record
 from ratelimit_svc.servers.grpc_asgi import Messages, encode_grpc_message, parse_grpc_timeout
 from ratelimit_svc.service import RpcError, Status
 from ratelimit_svc.settings.model import Settings
@@ -96,3 +98,22 @@ def test_envoy_config_carries_the_grpc_settings() -> None:
 )
 def test_grpc_message_percent_encoding(message: str, wire: bytes) -> None:
     assert encode_grpc_message(message) == wire
+
+
+@pytest.mark.parametrize(
+    ("line", "name", "level", "message"),
+    [
+        ("debug main starting worker: 0\n", "envoy.main", logging.DEBUG, "starting worker: 0"),
+        ("warning config a  spaced\\nmessage", "envoy.config", logging.WARNING, "a  spaced\\nmessage"),
+        ("critical backtrace Caught Segmentation fault", "envoy.backtrace", logging.CRITICAL, "Caught Segmentation fault"),
+        ("trace http [C1] x", "envoy.http", logging.DEBUG, "[C1] x"),
+        ("odd", "envoy.envoy", logging.WARNING, ""),
+    ],
+)
+def test_envoy_log_lines_become_records(
+    caplog: pytest.LogCaptureFixture, line: str, name: str, level: int, message: str
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        log_record(line)
+    [record] = caplog.records
+    assert (record.name, record.levelno, record.getMessage()) == (name, level, message)

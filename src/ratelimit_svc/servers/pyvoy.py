@@ -33,6 +33,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from ratelimit_svc.servers.envoy_log import EnvoyLog
 from ratelimit_svc.servers.http_api import cannot_listen
 from ratelimit_svc.settings.model import Settings
 
@@ -212,14 +213,14 @@ def envoy_environment(
     return env
 
 
-def _envoy_argv(config: dict[str, Any]) -> list[str]:
+def _envoy_argv(config: dict[str, Any], envoy_log: EnvoyLog) -> list[str]:
     return [
         envoy_path(),
         "--config-yaml", json.dumps(config),
         "--disable-hot-restart",  # no shared memory: instances never collide
         "--concurrency", "1",  # the Python thread is the bottleneck, not Envoy's
-        "--log-level", "error",
         "--drain-strategy", "immediate",
+        *envoy_log.argv(),
     ]  # fmt: skip
 
 
@@ -244,10 +245,17 @@ class EnvoyWorker:
         child_env[WORKER_COUNT_ENV] = str(settings.workers)
         child_env[ADMIN_SOCKET_ENV] = os.path.join(workdir, "admin.sock")
         child_env["GRPC_PORT"] = str(settings.grpc_port)
-        process = subprocess.Popen(
-            _envoy_argv(config), env=child_env, pass_fds=(link.fileno(),),
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+        envoy_log = EnvoyLog(settings)
+        try:
+            process = subprocess.Popen(
+                _envoy_argv(config, envoy_log), env=child_env,
+                pass_fds=(link.fileno(), envoy_log.write_fd),
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        except BaseException:
+            envoy_log.discard()
+            raise
+        envoy_log.start()  # read until Envoy exits
         return cls(process, workdir)
 
     @property
@@ -267,9 +275,12 @@ class EnvoyWorker:
 class EnvoyProcess:
     """One Envoy running the service, and the control line to its embedded app."""
 
-    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, control: socket.socket, envoy_log: EnvoyLog
+    ) -> None:
         self.process = process
         self.control = control
+        self._log = envoy_log
         self._buffer = b""
 
     @classmethod
@@ -278,18 +289,24 @@ class EnvoyProcess:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(admin)
         ours, theirs = socket.socketpair()
+        envoy_log = EnvoyLog(settings)
         try:
             process = await asyncio.create_subprocess_exec(
-                *_envoy_argv(envoy_config(settings, admin)),
+                *_envoy_argv(envoy_config(settings, admin), envoy_log),
                 env={**envoy_environment(os.environ, theirs.fileno()), ADMIN_SOCKET_ENV: admin},
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(theirs.fileno(), envoy_log.write_fd),
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C reaches us, and we drain it
             )  # fmt: skip
+        except BaseException:
+            ours.close()
+            envoy_log.discard()
+            raise
         finally:
             theirs.close()
+        envoy_log.start()
         ours.setblocking(False)
-        return cls(process, ours)
+        return cls(process, ours, envoy_log)
 
     async def next_message(self) -> str | None:
         """The embedded app's next state line; None once it (or Envoy) is gone. Its answers to
@@ -346,6 +363,7 @@ class EnvoyProcess:
         if self.process.returncode is None:
             self.signal(signal.SIGKILL)
         await self.process.wait()
+        await self._log.closed()
 
 
 def _port_refused(settings: Settings) -> str | None:
