@@ -33,8 +33,10 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from ratelimit_svc.errors import SettingsError
 from ratelimit_svc.servers.envoy_log import EnvoyLog
 from ratelimit_svc.servers.http_api import cannot_listen
+from ratelimit_svc.servers.tls import SdsFiles
 from ratelimit_svc.settings.model import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ WORKER_LINK_FD_ENV = "RATELIMIT_SVC_WORKER_LINK_FD"
 WORKER_INDEX_ENV = "RATELIMIT_SVC_WORKER_INDEX"
 WORKER_COUNT_ENV = "RATELIMIT_SVC_WORKER_COUNT"
 ADMIN_SOCKET_ENV = "RATELIMIT_SVC_ADMIN_SOCKET"
+TLS_DIRECTORY_ENV = "RATELIMIT_SVC_TLS_DIRECTORY"  # where the SDS files are (servers/tls.py)
 START_ATTEMPTS = 3  # Envoy that dies before the service starts is started again (a rare flake)
 STOP_MARGIN_SECONDS = 10.0  # beyond drain and grace, before Envoy is killed
 DUPLICATE_SIGNAL_SECONDS = 1.0
@@ -53,6 +56,9 @@ _ASGI_APP = "ratelimit_svc.workers.embedded:app"
 _HCM = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
     "HttpConnectionManager"
+)
+_TLS_CONTEXT = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 )
 _DYNAMIC_MODULE = (
     "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
@@ -114,8 +120,6 @@ def unavailable_reason(settings: Settings) -> str | None:
             "no shared libpython was found (pyvoy loads Python into Envoy; use a Python built "
             "with --enable-shared, such as Debian's with libpython3-dev)"
         )
-    if settings.grpc_tls.server_use_tls:
-        return "GRPC_SERVER_USE_TLS is served by grpcio (docs/transports.md)"
     return None
 
 
@@ -130,9 +134,14 @@ def _duration(seconds: float) -> str:
 
 
 def envoy_config(
-    settings: Settings, admin_socket: str, *, shared_port: bool = False
+    settings: Settings,
+    admin_socket: str,
+    *,
+    shared_port: bool = False,
+    secrets: SdsFiles | None = None,
 ) -> dict[str, Any]:
-    """The bootstrap: one listener for the gRPC port whose only filter is pyvoy."""
+    """The bootstrap: one listener for the gRPC port whose only filter is pyvoy; TLS from the
+    SDS files of ``secrets`` with GRPC_SERVER_USE_TLS."""
     if settings.grpc_uds:
         address: dict[str, Any] = {"pipe": {"path": settings.grpc_uds}}
     else:
@@ -170,22 +179,49 @@ def envoy_config(
         },
         "route_config": {"virtual_hosts": [{"name": "grpc", "domains": ["*"]}]},
         "http_filters": [pyvoy],
+        # The verified client certificate's DNS and URI SANs, for the SAN check
+        # (servers/tls.py: forwarded_sans); a client's own header of that name is replaced.
+        "forward_client_cert_details": "SANITIZE_SET",
+        "set_current_client_cert_details": {"dns": True, "uri": True},
     }
+    chain: dict[str, Any] = {
+        "filters": [
+            {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
+        ]
+    }
+    if secrets is not None:
+        chain["transport_socket"] = _tls_socket(secrets)
     listener = {
         "name": "grpc",
         "address": address,
         # Shared only by our own WORKERS (the primary holds the port reserved); otherwise a port
         # in use is an error, never silently shared.
         "enable_reuse_port": shared_port,
-        "filter_chains": [
-            {"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                          "typed_config": manager}]}
-        ],
-    }  # fmt: skip
+        "filter_chains": [chain],
+    }
     return {
+        "node": {"id": "ratelimit-svc", "cluster": "ratelimit-svc"},  # SDS subscriptions need it
         "admin": {"address": {"pipe": {"path": admin_socket, "mode": 0o600}}},
         "static_resources": {"listeners": [listener]},
     }
+
+
+def _tls_socket(secrets: SdsFiles) -> dict[str, Any]:
+    """TLS (mTLS with a client CA) with the certificate from SDS files, re-read on change."""
+
+    def sds(name: str, path: str) -> dict[str, Any]:
+        source = {"path_config_source": {"path": path}, "resource_api_version": "V3"}
+        return {"name": name, "sds_config": source}
+
+    common: dict[str, Any] = {
+        "alpn_protocols": ["h2"],
+        "tls_certificate_sds_secret_configs": [sds("server", secrets.server)],
+    }
+    context: dict[str, Any] = {"@type": _TLS_CONTEXT, "common_tls_context": common}
+    if secrets.files.client_ca:
+        common["validation_context_sds_secret_config"] = sds("client_ca", secrets.client_ca)
+        context["require_client_certificate"] = True
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
 def _module_path() -> str:
@@ -239,8 +275,12 @@ class EnvoyWorker:
         cls, settings: Settings, env: dict[str, str], index: int, link: socket.socket
     ) -> EnvoyWorker:
         workdir = tempfile.mkdtemp(prefix=f"ratelimit-svc-worker-{index}-")
-        config = envoy_config(settings, os.path.join(workdir, "admin.sock"), shared_port=True)
+        secrets = certificate_secrets(settings, workdir)
+        config = envoy_config(
+            settings, os.path.join(workdir, "admin.sock"), shared_port=True, secrets=secrets
+        )
         child_env = envoy_environment(env, link.fileno(), WORKER_LINK_FD_ENV)
+        child_env[TLS_DIRECTORY_ENV] = workdir
         child_env[WORKER_INDEX_ENV] = str(index)
         child_env[WORKER_COUNT_ENV] = str(settings.workers)
         child_env[ADMIN_SOCKET_ENV] = os.path.join(workdir, "admin.sock")
@@ -284,16 +324,20 @@ class EnvoyProcess:
         self._buffer = b""
 
     @classmethod
-    async def start(cls, settings: Settings, workdir: str) -> EnvoyProcess:
+    async def start(
+        cls, settings: Settings, workdir: str, secrets: SdsFiles | None
+    ) -> EnvoyProcess:
         admin = os.path.join(workdir, "admin.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(admin)
         ours, theirs = socket.socketpair()
         envoy_log = EnvoyLog(settings)
+        env = envoy_environment(os.environ, theirs.fileno())
+        env.update({ADMIN_SOCKET_ENV: admin, TLS_DIRECTORY_ENV: workdir})
         try:
             process = await asyncio.create_subprocess_exec(
-                *_envoy_argv(envoy_config(settings, admin), envoy_log),
-                env={**envoy_environment(os.environ, theirs.fileno()), ADMIN_SOCKET_ENV: admin},
+                *_envoy_argv(envoy_config(settings, admin, secrets=secrets), envoy_log),
+                env=env,
                 pass_fds=(theirs.fileno(), envoy_log.write_fd),
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C reaches us, and we drain it
@@ -366,6 +410,16 @@ class EnvoyProcess:
         await self._log.closed()
 
 
+def certificate_secrets(settings: Settings, directory: str) -> SdsFiles | None:
+    """With GRPC_SERVER_USE_TLS, the SDS files for Envoy, written in ``directory`` once the
+    certificate files loaded (SettingsError when they do not: nothing starts)."""
+    if not settings.grpc_tls.server_use_tls:
+        return None
+    secrets = SdsFiles(settings.grpc_tls, directory)
+    secrets.write(secrets.files.first_load())
+    return secrets
+
+
 def _port_refused(settings: Settings) -> str | None:
     """Why the gRPC TCP port cannot be listened on (one clear line before Envoy starts)."""
     if settings.grpc_uds or not settings.grpc_port:
@@ -419,8 +473,13 @@ async def supervise(settings: Settings) -> int:
         log.error("%s", busy)
         return 1
     with tempfile.TemporaryDirectory(prefix="ratelimit-svc-") as workdir:
+        try:
+            secrets = certificate_secrets(settings, workdir)
+        except SettingsError as exc:
+            log.error("%s", exc)
+            return 1
         for attempt in range(1, START_ATTEMPTS + 1):
-            envoy = await EnvoyProcess.start(settings, workdir)
+            envoy = await EnvoyProcess.start(settings, workdir, secrets)
             try:
                 if stop_requested.is_set():
                     envoy.tell("stop")

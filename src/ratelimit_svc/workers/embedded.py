@@ -24,7 +24,7 @@ import socket
 from dataclasses import replace
 from typing import Any
 
-from ratelimit_svc.app import App
+from ratelimit_svc.app import App, cancel_and_wait
 from ratelimit_svc.config.snapshot import decode
 from ratelimit_svc.errors import RateLimitSvcError
 from ratelimit_svc.logsetup import configure_logging
@@ -40,10 +40,12 @@ from ratelimit_svc.servers.grpc_asgi import (
 from ratelimit_svc.servers.pyvoy import (
     ADMIN_SOCKET_ENV,
     CONTROL_FD_ENV,
+    TLS_DIRECTORY_ENV,
     WORKER_COUNT_ENV,
     WORKER_INDEX_ENV,
     WORKER_LINK_FD_ENV,
 )
+from ratelimit_svc.servers.tls import SdsFiles
 from ratelimit_svc.service import RateLimitService
 from ratelimit_svc.settings.model import Settings
 from ratelimit_svc.workers.roles import worker_app
@@ -69,6 +71,16 @@ async def _answers_sent() -> None:
                 await pyvoy.wait_requests_done(admin)
 
 
+def _watch_certificates(settings: Settings) -> asyncio.Task[None] | None:
+    """With GRPC_SERVER_USE_TLS, the task that has Envoy read changed certificate files again
+    (servers/tls.py: SdsFiles, written first by the process that started Envoy)."""
+    directory = os.environ.get(TLS_DIRECTORY_ENV)
+    if not settings.grpc_tls.server_use_tls or directory is None:
+        return None
+    secrets = SdsFiles(settings.grpc_tls, directory)
+    return asyncio.get_running_loop().create_task(secrets.watch(), name="tls-reload")
+
+
 class Embedded:
     """The ASGI callable Envoy is given: lifespan runs the App, HTTP streams go to its gRPC."""
 
@@ -76,6 +88,7 @@ class Embedded:
         self.app: App | None = None
         self.grpc: GrpcAsgiApp | None = None
         self.control: socket.socket | None = None
+        self._certificates: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         grpc = self.grpc
@@ -151,10 +164,13 @@ class Embedded:
             return
         assert isinstance(app.grpc, AsgiGrpc)
         self.grpc = app.grpc.asgi
+        certificates = _watch_certificates(settings)
         await send({"type": "lifespan.startup.complete"})
         running = asyncio.ensure_future(app.run())
         shutdown = asyncio.ensure_future(receive())
         await asyncio.wait((running, shutdown), return_when=asyncio.FIRST_COMPLETED)
+        if certificates is not None:
+            await cancel_and_wait(certificates)
         app.stop()
         try:
             await app.__aexit__(None, None, None)
@@ -178,6 +194,7 @@ class Embedded:
         self.app = app
         assert isinstance(app.grpc, AsgiGrpc)
         self.grpc = app.grpc.asgi
+        self._certificates = _watch_certificates(settings)
 
     async def _orders(self) -> bool:
         """Until the supervisor says ``stop`` (True) or goes away (False); ``status`` (its
@@ -205,6 +222,8 @@ class Embedded:
         app, self.app = self.app, None
         if app is None:
             return
+        if self._certificates is not None:
+            await cancel_and_wait(self._certificates)
         app.stop()
         try:
             await app.__aexit__(None, None, None)
