@@ -13,8 +13,8 @@ import pytest
 
 from ratelimit_svc.servers import pyvoy as pyvoy_server
 from ratelimit_svc.servers.envoy_log import log_record
-from ratelimit_svc.servers.tls import SdsFiles, forwarded_sans
 from ratelimit_svc.servers.grpc_asgi import Messages, encode_grpc_message, parse_grpc_timeout
+from ratelimit_svc.servers.tls import SdsFiles, forwarded_sans
 from ratelimit_svc.service import RpcError, Status
 from ratelimit_svc.settings.model import Settings
 
