@@ -82,6 +82,22 @@ async def wait_requests_done(socket_path: str) -> None:
             await asyncio.sleep(ADMIN_POLL_SECONDS)
 
 
+async def wait_listening(socket_path: str) -> str:
+    """Where Envoy's gRPC listener is bound, once it is: its admin interface comes up and lists
+    it only after the embedded app has started (a moment after the app said so)."""
+    while True:
+        with contextlib.suppress(OSError, ValueError, LookupError, TimeoutError):
+            async with asyncio.timeout(1.0):
+                answer = await admin(socket_path, "GET", "/listeners?format=json")
+            body = json.loads(answer[answer.index(b"{") : answer.rindex(b"}") + 1])
+            address = body["listener_statuses"][0]["local_address"]
+            if "pipe" in address:
+                return f"unix:{address['pipe']['path']}"
+            socket_address = address["socket_address"]
+            return f"{socket_address['address']}:{socket_address['port_value']}"
+        await asyncio.sleep(ADMIN_POLL_SECONDS)
+
+
 def libpython() -> str | None:
     """The shared libpython Envoy must preload for the embedded interpreter, if there is one."""
     import find_libpython
@@ -244,24 +260,15 @@ class EnvoyProcess:
             self.control.sendall(message.encode() + b"\n")
 
     async def listening_address(self, workdir: str) -> str:
-        """Where the gRPC listener is bound, from Envoy's admin interface (which comes up once
-        the embedded app has started, a moment after it said so)."""
-        while True:
-            if self.process.returncode is not None:
-                raise RuntimeError("Envoy exited before it listened")
-            with contextlib.suppress(OSError, ValueError, LookupError, TimeoutError):
-                async with asyncio.timeout(1.0):
-                    return await self._ask_listener(workdir)
-            await asyncio.sleep(ADMIN_POLL_SECONDS)
-
-    async def _ask_listener(self, workdir: str) -> str:
-        answer = await admin(os.path.join(workdir, "admin.sock"), "GET", "/listeners?format=json")
-        body = json.loads(answer[answer.index(b"{") : answer.rindex(b"}") + 1])
-        address = body["listener_statuses"][0]["local_address"]
-        if "pipe" in address:
-            return f"unix:{address['pipe']['path']}"
-        socket_address = address["socket_address"]
-        return f"{socket_address['address']}:{socket_address['port_value']}"
+        """Where the gRPC listener is bound (``wait_listening``), unless Envoy exits first."""
+        waiting = asyncio.ensure_future(wait_listening(os.path.join(workdir, "admin.sock")))
+        exited = asyncio.ensure_future(self.process.wait())
+        await asyncio.wait((waiting, exited), return_when=asyncio.FIRST_COMPLETED)
+        exited.cancel()
+        if not waiting.done():
+            waiting.cancel()
+            raise RuntimeError("Envoy exited before it listened")
+        return waiting.result()
 
     def signal(self, number: int) -> None:
         if self.process.returncode is None:

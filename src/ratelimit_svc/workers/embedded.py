@@ -155,7 +155,11 @@ class Embedded:
             if message is None or message[0] != "config":
                 raise RuntimeError("the primary went away before sending the config")
             config = await decode(message[1])  # the primary sends the encoded snapshot
-            app = worker_app(settings, link, config, grpc_server=_grpc_in_envoy)
+            admin = os.environ[ADMIN_SOCKET_ENV]
+            app = worker_app(
+                settings, link, config, grpc_server=_grpc_in_envoy,
+                listening=functools.partial(pyvoy.wait_listening, admin),
+            )  # fmt: skip
             await app.__aenter__()
         except Exception as exc:
             index = os.environ.get(WORKER_INDEX_ENV)
