@@ -46,6 +46,7 @@ class EnvoyLog:
         self.level = "debug" if settings.log_level == "TRACE" else "error"
         self._read, self.write_fd = os.pipe()
         self._relay: asyncio.Task[None] | None = None
+        self._muted = False
 
     def argv(self) -> list[str]:
         """Envoy's options: its log to our pipe (``write_fd``, passed to it), one line a record."""
@@ -76,9 +77,14 @@ class EnvoyLog:
                     continue
                 if not line:
                     return
-                log_record(line.decode(errors="replace"))
+                if not self._muted:
+                    log_record(line.decode(errors="replace"))
         finally:
             transport.close()
+
+    def mute(self) -> None:
+        """Read but do not log what Envoy says from now on (it would repeat what was logged)."""
+        self._muted = True
 
     def discard(self) -> None:
         """Envoy did not start: the pipe is closed unread."""

@@ -202,7 +202,7 @@ class EnvoyProcess:
     ) -> None:
         self.process = process
         self.control = control
-        self._log = envoy_log
+        self.log = envoy_log
         self._buffer = b""
 
     @classmethod
@@ -280,7 +280,7 @@ class EnvoyProcess:
         if self.process.returncode is None:
             self.signal(signal.SIGKILL)
         await self.process.wait()
-        await self._log.closed()
+        await self.log.closed()
 
 
 def certificate_secrets(settings: Settings, directory: str) -> SdsFiles | None:
@@ -377,7 +377,8 @@ async def _serve(
     envoy: EnvoyProcess, settings: Settings, workdir: str, stop_requested: asyncio.Event
 ) -> int:
     state = await envoy.next_message()  # after "starting": the backend and config are ready
-    if state == "failed":  # the app logged why
+    if state == "failed":  # the app logged why, in one line: Envoy's echo of it is not logged
+        envoy.log.mute()
         envoy.signal(signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_MARGIN_SECONDS):

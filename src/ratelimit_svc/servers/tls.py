@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -139,6 +140,7 @@ def san_refusal(san: str) -> str:
 _XFCC_PAIR = re.compile(r'([A-Za-z]+)=("(?:[^"\\]|\\.)*"|[^;,]*)([;,]?)')
 
 
+@functools.lru_cache(maxsize=256)  # the same header on every call of a connection
 def forwarded_sans(header: bytes) -> frozenset[str]:
     """The DNS and URI SANs of the client certificate in Envoy's ``x-forwarded-client-cert``
     (its first element: Envoy sets the header for this connection, docs/transports.md)."""
