@@ -115,6 +115,9 @@ class AppHook:
     def stopping(self) -> None:
         """Shutdown has begun."""
 
+    def status_requested(self) -> None:
+        """SIGUSR1 reached this process (docs/reliability.md): its own line is logged already."""
+
     async def closed(self) -> None:
         """Everything has closed, the final stats flush included."""
 
@@ -196,6 +199,7 @@ class App:
         self.console: Console | None = None
         self._operations = contextlib.AsyncExitStack()  # HTTP, debug, health, config source
         self._stop = asyncio.Event()
+        self._created = time.monotonic()
 
     @property
     def config(self) -> RateLimitConfig | None:
@@ -379,6 +383,18 @@ class App:
     async def run(self) -> None:
         await self._stop.wait()
 
+    def status(self) -> str:
+        """This process in a few words, for SIGUSR1's line (docs/reliability.md)."""
+        config = self.config
+        return "{}, {}, up {}s".format(
+            "healthy" if self.health.healthy else "not healthy",
+            "no config" if config is None else f"{len(config.domains)} domains",
+            int(time.monotonic() - self._created),
+        )
+
+    def log_status(self) -> None:
+        log.warning("status (SIGUSR1): pid %d, %s", os.getpid(), self.status())
+
     def stop(self) -> None:
         """Begin shutdown (SIGTERM): unhealthy at once on both health surfaces."""
         self.health.start_shutdown()
@@ -450,17 +466,10 @@ async def serve(settings: Settings, app_factory: Callable[[Settings], App] = App
         if starting is not None:
             starting.cancel()
 
-    started_at = time.monotonic()
-
     def on_status() -> None:
-        config = app.config
-        log.warning(
-            "status (SIGUSR1): pid %d, %s, %s, up %ds",
-            os.getpid(),
-            "healthy" if app.health.healthy else "not healthy",
-            "no config" if config is None else f"{len(config.domains)} domains",
-            time.monotonic() - started_at,
-        )
+        app.log_status()
+        for hook in app.hooks:
+            hook.status_requested()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal, sig)

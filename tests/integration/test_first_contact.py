@@ -132,11 +132,13 @@ async def test_an_unreadable_config_directory_is_one_clear_line(
     assert "\n" not in record.getMessage() and record.exc_info is None
 
 
-async def test_libraries_log_at_warning_unless_trace(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["pyvoy", "grpcio"])
+async def test_libraries_log_at_warning_unless_trace(tmp_path: Path, transport: str) -> None:
+    """grpc's records on grpcio; Envoy's, relayed as ``envoy.*``, on pyvoy (docs/transports.md)."""
     runtime, _ = config_dir_env(tmp_path)
     shown = {}
     for level in ("DEBUG", "TRACE"):
-        service = await ServiceProcess.start(base_env(**runtime, LOG_LEVEL=level))
+        service = await ServiceProcess.start(base_env(**runtime, LOG_LEVEL=level, GRPC_SERVER=transport))
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{service.ports['HTTP']}/healthcheck") as answer:
                 assert answer.status == 200

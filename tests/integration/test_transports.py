@@ -377,28 +377,22 @@ async def test_3000_calls_on_one_connection(tmp_path: Path) -> None:
         await service.kill()
 
 
-async def test_pyvoy_with_tls_falls_back_to_grpcio_with_one_line(tmp_path: Path) -> None:
-    import trustme
-
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+async def test_a_pyvoy_that_cannot_load_falls_back_to_grpcio_with_one_line(tmp_path: Path) -> None:
+    """An installed pyvoy package without its Envoy module (shadowed on PYTHONPATH here)."""
+    (tmp_path / "shadow" / "pyvoy").mkdir(parents=True)
+    (tmp_path / "shadow" / "pyvoy" / "__init__.py").write_text("")
     runtime, _ = config_dir_env(tmp_path, RULES)
-    service = await ServiceProcess.start(base_env(
-        **runtime, GRPC_SERVER="pyvoy", GRPC_SERVER_USE_TLS="true",
-        GRPC_SERVER_TLS_CERT=str(tmp_path / "cert.pem"), GRPC_SERVER_TLS_KEY=str(tmp_path / "key.pem"),
-    ))  # fmt: skip
+    service = await ServiceProcess.start(base_env(**runtime, GRPC_SERVER="pyvoy", PYTHONPATH=str(tmp_path / "shadow")))
     try:
-        credentials = grpc.ssl_channel_credentials(ca.cert_pem.bytes())
-        async with grpc.aio.secure_channel(target(service), credentials, options=[("grpc.ssl_target_name_override", "localhost")]) as channel:
+        async with grpc.aio.insecure_channel(target(service)) as channel:
             answer = await rls_pb2_grpc.RateLimitServiceStub(channel).ShouldRateLimit(request(), timeout=10)
         assert answer.overall_code == rls_pb2.RateLimitResponse.OK
         log = await stop(service)
     finally:
         await service.kill()
-    assert log.count("GRPC_SERVER=pyvoy: using grpcio instead") == 1
-    assert "GRPC_SERVER_USE_TLS" in log
+    [line] = [line for line in log.splitlines() if "using grpcio instead" in line]
+    assert "GRPC_SERVER=pyvoy: using grpcio instead: pyvoy or its Envoy binary is missing" in line
+    assert not any("ratelimit_svc.servers.pyvoy" in line for line in log.splitlines())
 
 
 async def test_tracing_continues_w3c_and_b3_parents(transport: str, tmp_path: Path) -> None:

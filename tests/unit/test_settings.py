@@ -148,7 +148,7 @@ DEFAULTS: dict[str, object] = {
     "stats_max_keys": 10_000,
     "xds_client_max_msg_size_in_bytes": 256 * 1024 * 1024,
     "workers": 0,
-    "grpc_server": "grpcio",
+    "grpc_server": "pyvoy",
 }
 
 REDIS_FIELDS = [f.name for f in dataclasses.fields(RedisSettings)]

@@ -22,6 +22,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
+from ratelimit_svc.servers.tls import forwarded_sans, san_refusal
 from ratelimit_svc.service import SHOULD_RATE_LIMIT, RateLimitService, RpcError, Status
 from ratelimit_svc.settings.model import Settings
 
@@ -168,11 +169,17 @@ class GrpcAsgiApp:
     """An ASGI application answering the unary ``methods`` (path → handler) and Health."""
 
     def __init__(
-        self, methods: Mapping[str, Unary], health: HealthState, *, max_message_bytes: int
+        self,
+        methods: Mapping[str, Unary],
+        health: HealthState,
+        *,
+        max_message_bytes: int,
+        required_san: str = "",
     ) -> None:
         self.methods = dict(methods)
         self.health = health
         self.max_message_bytes = max_message_bytes
+        self.required_san = required_san  # GRPC_CLIENT_TLS_SAN: checked on every call
         self.in_flight = 0
         self.closing = False  # stopping: new calls are refused (UNAVAILABLE), never started
         self._idle: asyncio.Future[None] | None = None
@@ -201,6 +208,7 @@ class GrpcAsgiApp:
             await _trailers_only(send, Status.UNAVAILABLE, "the server is shutting down")
             return
         content_type = encoding = timeout = None
+        client_cert = b""
         for name, value in scope["headers"]:
             if name == b"content-type":
                 content_type = value
@@ -208,6 +216,8 @@ class GrpcAsgiApp:
                 timeout = value
             elif name == b"grpc-encoding":
                 encoding = value
+            elif name == b"x-forwarded-client-cert":  # set by Envoy, never the client's
+                client_cert = value
         if scope["http_version"] not in ("2", "3"):
             await _plain(send, 505, b"gRPC requires HTTP/2")
             return
@@ -230,6 +240,10 @@ class GrpcAsgiApp:
                 f"grpc-encoding {encoding.decode('latin-1')!r} is not supported",
                 extra=(_ACCEPT_ENCODING,),
             )
+            return
+        if self.required_san and self.required_san not in forwarded_sans(client_cert):
+            await self._drain(receive)
+            await _trailers_only(send, Status.UNAUTHENTICATED, san_refusal(self.required_san))
             return
         path: str = scope["path"]
         try:
@@ -404,5 +418,9 @@ async def start_asgi_grpc(
     health = HealthState()
     await health.set_serving(serving)
     methods = {SHOULD_RATE_LIMIT: service.handle}
-    asgi = GrpcAsgiApp(methods, health, max_message_bytes=settings.max_request_bytes)
+    tls = settings.grpc_tls
+    asgi = GrpcAsgiApp(
+        methods, health, max_message_bytes=settings.max_request_bytes,
+        required_san=tls.client_tls_san if tls.server_use_tls else "",
+    )  # fmt: skip
     return AsgiGrpc(asgi, stop_listening)

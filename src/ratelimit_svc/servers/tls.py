@@ -1,13 +1,20 @@
-"""gRPC server TLS and mTLS (GRPC_SERVER_USE_TLS, GRPC_SERVER_TLS_*, GRPC_CLIENT_TLS_*): credentials
-whose certificate files are re-read when they change, and ``SanCheck``, the interceptor that
-checks a client certificate's SAN (docs/operations.md (gRPC TLS and mTLS)).
+"""gRPC server TLS and mTLS (GRPC_SERVER_USE_TLS, GRPC_SERVER_TLS_*, GRPC_CLIENT_TLS_*) on both
+transports (docs/operations.md (gRPC TLS and mTLS), docs/transports.md): certificate files re-read
+when they change, handed to grpcio as credentials or to Envoy as SDS files (``SdsFiles``), and the
+client certificate's SAN check: ``SanCheck`` on grpcio, ``forwarded_sans`` of the header Envoy
+sets on pyvoy.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import inspect
+import json
 import logging
 import os
+import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,6 +29,9 @@ log = logging.getLogger(__name__)
 _Stamp = tuple[tuple[int, int, int], ...]
 
 
+Pems = tuple[bytes, bytes, bytes | None]  # certificate chain, key, client CA (mTLS)
+
+
 class CertificateFiles:
     """The server's key, certificate chain and (for mTLS) client CA, as files on disk."""
 
@@ -29,28 +39,44 @@ class CertificateFiles:
         self.cert, self.key, self.client_ca = cert, key, client_ca
         self._lock = threading.Lock()  # gRPC calls the fetcher from its own threads
         self._stamp: _Stamp = ()
+        self._refused: _Stamp = ()  # an unusable set, logged once
         self.loads = 0
 
-    def _paths(self) -> tuple[str, ...]:
+    @classmethod
+    def of(cls, settings: GrpcTlsSettings) -> CertificateFiles:
+        if not settings.server_tls_cert or not settings.server_tls_key:
+            raise SettingsError(
+                "GRPC_SERVER_USE_TLS=true needs GRPC_SERVER_TLS_CERT and GRPC_SERVER_TLS_KEY"
+            )
+        return cls(settings.server_tls_cert, settings.server_tls_key, settings.client_tls_cacert)
+
+    def paths(self) -> tuple[str, ...]:
         return (self.cert, self.key, self.client_ca) if self.client_ca else (self.cert, self.key)
 
     def _current_stamp(self) -> _Stamp:
         stamps = []
-        for path in self._paths():
+        for path in self.paths():
             st = os.stat(path)
             stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
         return tuple(stamps)
 
-    def load(self) -> Any:
+    def load(self) -> Pems:
         """Read the files now; raises OSError or ValueError when they are unusable."""
         with self._lock:
             stamp = self._current_stamp()
-            config = self._read()
+            pems = self._read()
             self._stamp = stamp
             self.loads += 1
-            return config
+            return pems
 
-    def _read(self) -> Any:
+    def first_load(self) -> Pems:
+        """``load`` at startup: unusable files stop the service (SettingsError)."""
+        try:
+            return self.load()
+        except (OSError, ValueError) as exc:
+            raise SettingsError(f"gRPC TLS: cannot load the server certificate: {exc}") from None
+
+    def _read(self) -> Pems:
         with open(self.cert, "rb") as f:
             chain = f.read()
         with open(self.key, "rb") as f:
@@ -63,42 +89,119 @@ class CertificateFiles:
                 root = f.read()
             if b"-----BEGIN" not in root:
                 raise ValueError(f"{self.client_ca}: not a PEM certificate")
-        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=root)
+        return chain, key, root
+
+    def reload(self) -> Pems | None:
+        """The files, when they changed since the last load and are usable; otherwise None (an
+        unusable set keeps the current certificate, and says why once)."""
+        try:
+            stamp = self._current_stamp()
+            if stamp in (self._stamp, self._refused):
+                return None
+            pems = self.load()
+        except (OSError, ValueError) as exc:
+            with contextlib.suppress(OSError):
+                self._refused = self._current_stamp()
+            log.error("gRPC TLS: keeping the current certificate: cannot load %s: %s",
+                      ", ".join(self.paths()), exc)
+            return None
+        log.warning("gRPC TLS: loaded a new server certificate from %s", self.cert)
+        return pems
 
     def fetch(self) -> Any:
         """gRPC's certificate-configuration fetcher: a new configuration, or None for no change."""
-        try:
-            if self._current_stamp() == self._stamp:
-                return None
-            config = self.load()
-        except (OSError, ValueError) as exc:
-            log.error("gRPC TLS: keeping the current certificate: cannot load %s: %s",
-                      ", ".join(self._paths()), exc)
-            return None
-        log.warning("gRPC TLS: loaded a new server certificate from %s", self.cert)
-        return config
+        pems = self.reload()
+        return None if pems is None else _grpc_configuration(pems)
+
+
+def _grpc_configuration(pems: Pems) -> Any:
+    chain, key, root = pems
+    return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=root)
 
 
 def server_credentials(
     settings: GrpcTlsSettings,
 ) -> tuple[grpc.ServerCredentials, CertificateFiles]:
-    if not settings.server_tls_cert or not settings.server_tls_key:
-        raise SettingsError(
-            "GRPC_SERVER_USE_TLS=true needs GRPC_SERVER_TLS_CERT and GRPC_SERVER_TLS_KEY"
-        )
-    files = CertificateFiles(
-        settings.server_tls_cert,
-        settings.server_tls_key,
-        settings.client_tls_cacert,
-    )
-    try:
-        initial = files.load()
-    except (OSError, ValueError) as exc:
-        raise SettingsError(f"gRPC TLS: cannot load the server certificate: {exc}") from None
+    files = CertificateFiles.of(settings)
     credentials = grpc.dynamic_ssl_server_credentials(
-        initial, files.fetch, require_client_authentication=bool(settings.client_tls_cacert)
+        _grpc_configuration(files.first_load()),
+        files.fetch,
+        require_client_authentication=bool(settings.client_tls_cacert),
     )
     return credentials, files
+
+
+def san_refusal(san: str) -> str:
+    """The UNAUTHENTICATED message for a client certificate without the SAN (both transports)."""
+    return f"client certificate does not carry the subject alternative name {san!r}"
+
+
+# One key=value of Envoy's x-forwarded-client-cert; a value with ,;= in it is quoted.
+_XFCC_PAIR = re.compile(r'([A-Za-z]+)=("(?:[^"\\]|\\.)*"|[^;,]*)([;,]?)')
+
+
+@functools.lru_cache(maxsize=256)  # the same header on every call of a connection
+def forwarded_sans(header: bytes) -> frozenset[str]:
+    """The DNS and URI SANs of the client certificate in Envoy's ``x-forwarded-client-cert``
+    (its first element: Envoy sets the header for this connection, docs/transports.md)."""
+    text = header.decode("utf-8", "replace")
+    names = set()
+    position = 0
+    while match := _XFCC_PAIR.match(text, position):
+        key, value, separator = match.groups()
+        if value.startswith('"'):
+            value = value[1:-1].replace('\\"', '"')
+        if key in ("DNS", "URI"):
+            names.add(value)
+        if separator != ";":
+            break
+        position = match.end()
+    return frozenset(names)
+
+
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+RELOAD_POLL_SECONDS = 1.0  # pyvoy: how soon an in-place edit of the files is noticed
+
+
+class SdsFiles:
+    """The pyvoy transport's certificate: SDS files in ``directory`` (private to the service)
+    holding the loaded certificate, key and client CA, which Envoy's listener reads again each
+    time one is replaced. ``write`` puts what ``CertificateFiles`` loaded last; ``watch`` does it
+    whenever the files change and load, so Envoy serves what grpcio's fetcher would."""
+
+    def __init__(self, settings: GrpcTlsSettings, directory: str) -> None:
+        self.files = CertificateFiles.of(settings)
+        self.server = os.path.join(directory, "server-secret.json")
+        self.client_ca = os.path.join(directory, "client-ca-secret.json")
+
+    def write(self, pems: Pems) -> None:
+        """Replace the SDS files, each in one rename (what Envoy watches for)."""
+        chain, key, root = pems
+        cert = {
+            "certificate_chain": {"inline_string": chain.decode("ascii", "replace")},
+            "private_key": {"inline_string": key.decode("ascii", "replace")},
+        }
+        self._replace(self.server, {"name": "server", "tls_certificate": cert})
+        if root is not None:
+            ca = {"trusted_ca": {"inline_string": root.decode("ascii", "replace")}}
+            self._replace(self.client_ca, {"name": "client_ca", "validation_context": ca})
+
+    @staticmethod
+    def _replace(path: str, secret: dict[str, Any]) -> None:
+        answer = {"resources": [{"@type": SECRET_TYPE, **secret}]}
+        descriptor = os.open(f"{path}.new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(descriptor, "w", encoding="utf-8") as f:
+            json.dump(answer, f)
+        os.replace(f"{path}.new", path)
+
+    async def watch(self, interval: float = RELOAD_POLL_SECONDS) -> None:
+        """Until cancelled: the files that loaded last are what Envoy serves."""
+        with contextlib.suppress(OSError, ValueError):
+            self.files.load()  # as written at startup, by the process that started Envoy
+        while True:
+            await asyncio.sleep(interval)
+            if (pems := self.files.reload()) is not None:
+                self.write(pems)
 
 
 _Handler = Callable[..., Any]
@@ -133,10 +236,7 @@ class SanCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
         log.debug("refused a call from %s: client certificate without SAN %r",
                   context.peer(), self.san.decode())
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            f"client certificate does not carry the subject alternative name {self.san.decode()!r}",
-        )
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, san_refusal(self.san.decode()))
 
     def _unary(self, behaviour: _Handler) -> _Handler:
         async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:

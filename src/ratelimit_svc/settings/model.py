@@ -297,7 +297,7 @@ class Settings(_Group):
         str,
         choice("pyvoy", "grpcio"),
         Doc("ours: the server carrying the gRPC port (docs/transports.md)"),
-    ] = "grpcio"
+    ] = "pyvoy"
     grpc_tls: GrpcTlsSettings = GrpcTlsSettings()
     log_level: Annotated[
         str,

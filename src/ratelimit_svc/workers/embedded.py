@@ -5,9 +5,10 @@ Envoy imports ``ratelimit_svc.workers.embedded:app``. ASGI lifespan startup buil
 with the gRPC port served by ``servers.grpc_asgi`` instead of grpc.aio; after that every HTTP/2
 stream Envoy accepts is a call to it. The process that started Envoy (``servers.pyvoy``) talks to
 this one over a socket pair, one line per message: we say ``starting`` and ``ready`` (or
-``failed``); it says ``stop`` on SIGTERM, and we drain as ``App`` does (unhealthy at once,
-answering for SHUTDOWN_DRAIN_SECONDS, in-flight calls finished) and close everything before saying
-``stopped``, after which it stops Envoy. As one of WORKERS processes, the app is a gRPC worker
+``failed``); it says ``status`` on SIGUSR1 (we answer with the App's status) and ``stop`` on
+SIGTERM, and we drain as ``App`` does (unhealthy at once, answering for SHUTDOWN_DRAIN_SECONDS,
+in-flight calls finished) and close everything before saying ``stopped``, after which it stops
+Envoy. As one of WORKERS processes, the app is a gRPC worker
 (workers/roles.py) linked to the primary instead, which sends its configs and says when to stop.
 """
 
@@ -23,7 +24,7 @@ import socket
 from dataclasses import replace
 from typing import Any
 
-from ratelimit_svc.app import App
+from ratelimit_svc.app import App, cancel_and_wait
 from ratelimit_svc.config.snapshot import decode
 from ratelimit_svc.errors import RateLimitSvcError
 from ratelimit_svc.logsetup import configure_logging
@@ -39,10 +40,12 @@ from ratelimit_svc.servers.grpc_asgi import (
 from ratelimit_svc.servers.pyvoy import (
     ADMIN_SOCKET_ENV,
     CONTROL_FD_ENV,
+    TLS_DIRECTORY_ENV,
     WORKER_COUNT_ENV,
     WORKER_INDEX_ENV,
     WORKER_LINK_FD_ENV,
 )
+from ratelimit_svc.servers.tls import SdsFiles
 from ratelimit_svc.service import RateLimitService
 from ratelimit_svc.settings.model import Settings
 from ratelimit_svc.workers.roles import worker_app
@@ -68,6 +71,16 @@ async def _answers_sent() -> None:
                 await pyvoy.wait_requests_done(admin)
 
 
+def _watch_certificates(settings: Settings) -> asyncio.Task[None] | None:
+    """With GRPC_SERVER_USE_TLS, the task that has Envoy read changed certificate files again
+    (servers/tls.py: SdsFiles, written first by the process that started Envoy)."""
+    directory = os.environ.get(TLS_DIRECTORY_ENV)
+    if not settings.grpc_tls.server_use_tls or directory is None:
+        return None
+    secrets = SdsFiles(settings.grpc_tls, directory)
+    return asyncio.get_running_loop().create_task(secrets.watch(), name="tls-reload")
+
+
 class Embedded:
     """The ASGI callable Envoy is given: lifespan runs the App, HTTP streams go to its gRPC."""
 
@@ -75,6 +88,7 @@ class Embedded:
         self.app: App | None = None
         self.grpc: GrpcAsgiApp | None = None
         self.control: socket.socket | None = None
+        self._certificates: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         grpc = self.grpc
@@ -141,7 +155,11 @@ class Embedded:
             if message is None or message[0] != "config":
                 raise RuntimeError("the primary went away before sending the config")
             config = await decode(message[1])  # the primary sends the encoded snapshot
-            app = worker_app(settings, link, config, grpc_server=_grpc_in_envoy)
+            admin = os.environ[ADMIN_SOCKET_ENV]
+            app = worker_app(
+                settings, link, config, grpc_server=_grpc_in_envoy,
+                listening=functools.partial(pyvoy.wait_listening, admin),
+            )  # fmt: skip
             await app.__aenter__()
         except Exception as exc:
             index = os.environ.get(WORKER_INDEX_ENV)
@@ -150,10 +168,13 @@ class Embedded:
             return
         assert isinstance(app.grpc, AsgiGrpc)
         self.grpc = app.grpc.asgi
+        certificates = _watch_certificates(settings)
         await send({"type": "lifespan.startup.complete"})
         running = asyncio.ensure_future(app.run())
         shutdown = asyncio.ensure_future(receive())
         await asyncio.wait((running, shutdown), return_when=asyncio.FIRST_COMPLETED)
+        if certificates is not None:
+            await cancel_and_wait(certificates)
         app.stop()
         try:
             await app.__aexit__(None, None, None)
@@ -177,26 +198,36 @@ class Embedded:
         self.app = app
         assert isinstance(app.grpc, AsgiGrpc)
         self.grpc = app.grpc.asgi
+        self._certificates = _watch_certificates(settings)
 
     async def _orders(self) -> bool:
-        """Until the supervisor says ``stop`` (True) or goes away (False)."""
+        """Until the supervisor says ``stop`` (True) or goes away (False); ``status`` (its
+        SIGUSR1) is answered with the App's status line (docs/reliability.md)."""
         if self.control is None:
             await asyncio.Event().wait()
         assert self.control is not None
         loop = asyncio.get_running_loop()
         buffer = b""
-        while b"stop" not in buffer:
-            data = await loop.sock_recv(self.control, 64)
-            if not data:
-                return False
-            buffer += data
-        return True
+        while True:
+            while b"\n" not in buffer:
+                data = await loop.sock_recv(self.control, 64)
+                if not data:
+                    return False
+                buffer += data
+            order, _, buffer = buffer.partition(b"\n")
+            if order == b"stop":
+                return True
+            if order == b"status":
+                status = "starting" if self.app is None else self.app.status()
+                self._tell(pyvoy.STATUS_PREFIX + status)
 
     async def _stop(self) -> None:
         """The App's own drain and close, once, then ``stopped`` to the supervisor."""
         app, self.app = self.app, None
         if app is None:
             return
+        if self._certificates is not None:
+            await cancel_and_wait(self._certificates)
         app.stop()
         try:
             await app.__aexit__(None, None, None)

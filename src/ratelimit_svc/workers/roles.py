@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 
 from ratelimit_svc.app import (
@@ -130,6 +130,12 @@ class _PrimaryHook(AppHook):
     def stopping(self) -> None:
         self.pool.stop()
 
+    def status_requested(self) -> None:
+        # Envoy workers run in sessions of their own, out of reach of a signal to our process
+        # group: they are asked (forked grpcio workers got the group's signal themselves).
+        if self.pool.only_workers_serve:
+            self.pool.tell_all(("status",))
+
 
 # -- a worker -------------------------------------------------------------------------------------
 
@@ -168,14 +174,17 @@ def worker_app(
     config: RateLimitConfig | None,
     *,
     grpc_server: GrpcStarter | None = None,
+    listening: Callable[[], Awaitable[object]] | None = None,
 ) -> App:
     """A gRPC worker: App's store, limiter, service and gRPC listener; no HTTP, debug port or
     sink (the primary has them). Configs come from the primary, stats go to it, and it drains
-    when the primary says so or goes away."""
+    when the primary says so or goes away. It tells the primary it is ready once started, or,
+    given ``listening`` (Envoy's listener is bound only after the app started), once that
+    returns."""
     report = Report()
     stats = MemoryStats(max_keys=settings.stats_max_keys)
     stats.sink = report
-    primary = PrimaryLink(link, config, stats, report)
+    primary = PrimaryLink(link, config, stats, report, listening)
     return App(
         settings, source=primary, stats=stats, operator_ports=False, hooks=[primary],
         grpc_server=grpc_server,
@@ -187,9 +196,15 @@ class PrimaryLink(AppHook):
     config; the worker adopts it) and the hook that reports its stats and drains on "stop"."""
 
     def __init__(
-        self, link: Link, config: RateLimitConfig | None, stats: MemoryStats, report: Report
+        self,
+        link: Link,
+        config: RateLimitConfig | None,
+        stats: MemoryStats,
+        report: Report,
+        listening: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.link = link
+        self._listening = listening
         self._initial_config = config
         self.stats = stats
         self.report = report
@@ -212,8 +227,13 @@ class PrimaryLink(AppHook):
         for task in (
             loop.create_task(self._listen(app), name="primary-link"),
             loop.create_task(self._report_forever(), name="stats-report"),
+            loop.create_task(self._ready(), name="ready"),
         ):
             app.defer(functools.partial(cancel_and_wait, task))
+
+    async def _ready(self) -> None:
+        if self._listening is not None:
+            await self._listening()
         self.link.send(("ready", os.getpid()))
 
     async def closed(self) -> None:
@@ -228,6 +248,8 @@ class PrimaryLink(AppHook):
                 self._sink.adopted(await decode(message[1]))
             elif message[0] == "stop":
                 app.stop()
+            elif message[0] == "status":
+                app.log_status()
         app.stop()  # the primary is gone: drain and exit rather than serve orphaned
 
     async def _report_forever(self) -> None:

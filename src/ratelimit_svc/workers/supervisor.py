@@ -356,8 +356,11 @@ class WorkerPool:
         self._stopping = True
         if not self._processes:
             self._all_exited.set()
+        self.tell_all(("stop",))
+
+    def tell_all(self, message: tuple[Any, ...]) -> None:
         for link in self._links.values():
-            link.send(("stop",))
+            link.send(message)
 
     async def wait_stopped(self) -> None:
         """Wait until every worker has exited (killing any that outlives its drain), so that
