@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import pytest
 
-from support.redis_fixtures import HOST, TlsFiles, free_port
+from support.redis_fixtures import HOST, TlsFiles, free_port, suspend
 
 START_TIMEOUT_SECONDS = 10.0
 
@@ -143,7 +143,7 @@ class MemcachedServer:
 
     def stop(self) -> None:
         assert self._process is not None
-        self._process.send_signal(signal.SIGSTOP)
+        suspend(self._process)
 
     def cont(self) -> None:
         assert self._process is not None

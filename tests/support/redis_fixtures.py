@@ -79,6 +79,24 @@ def free_port() -> int:
         return port
 
 
+def suspend(process: subprocess.Popen[Any]) -> None:
+    """SIGSTOP ``process`` and return once every thread of it is stopped: the kernel delivers the
+    signal later, and a server scheduled meanwhile could still answer what the test sends next."""
+    process.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 10.0
+    tasks = Path(f"/proc/{process.pid}/task")
+    while not all(_stopped(task) for task in tasks.iterdir()):
+        assert time.monotonic() < deadline, f"pid {process.pid} did not stop"
+        time.sleep(0.001)
+
+
+def _stopped(task: Path) -> bool:
+    with contextlib.suppress(FileNotFoundError):  # a thread that just exited
+        state = (task / "stat").read_text().rpartition(")")[2].split()[0]
+        return state in ("T", "t")
+    return True
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """PEM files made with trustme: the CA, the server's pair and a client's pair."""
@@ -245,7 +263,7 @@ class RedisServer:
     def stop(self) -> None:
         """SIGSTOP: the server keeps its sockets but answers nothing (a hung server)."""
         assert self._process is not None
-        self._process.send_signal(signal.SIGSTOP)
+        suspend(self._process)
 
     def cont(self) -> None:
         """SIGCONT after ``stop``."""
