@@ -155,9 +155,12 @@ _NO_RESET = b"\x22\x00"  # duration_until_reset (4) present and zero
 def _uvarint(value: int) -> bytes:
     if value < 0x80:
         return _BYTES[value]
-    out = bytearray()
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
+    out = [value & 0x7F | 0x80]
+    value >>= 7
     while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
+        out.append(value & 0x7F | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
