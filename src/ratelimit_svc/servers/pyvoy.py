@@ -31,7 +31,6 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from ratelimit_svc.servers.http_api import cannot_listen
 from ratelimit_svc.settings.model import Settings
 
 log = logging.getLogger(__name__)
@@ -351,6 +350,9 @@ def _port_refused(settings: Settings) -> str | None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(address)
     except OSError as exc:
+        # Imported here: aiohttp (~14 MiB) stays out of the process that only supervises Envoy.
+        from ratelimit_svc.servers.http_api import cannot_listen
+
         return cannot_listen("gRPC", "GRPC_HOST/GRPC_PORT", host, port, exc)
     return None
 
