@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import (
     _INHERITED,
-    SERVICE_ENV,
+    COMMON_ENV,
     Server,
     cpu_seconds,
     find_redis_server,
@@ -68,7 +68,7 @@ def start_service(
     (config / "bench.yaml").write_text(RULES)
     port = free_port()
     env = {name: os.environ[name] for name in _INHERITED if name in os.environ}
-    env.update(SERVICE_ENV)
+    env.update(COMMON_ENV)
     env.update(
         GRPC_SERVER=transport, GRPC_PORT=str(port), PORT=str(free_port()),
         DEBUG_PORT=str(free_port()), RUNTIME_ROOT=str(workdir / "runtime"),
@@ -133,6 +133,10 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3, help="the median of this many runs")
     parser.add_argument("--redis", action="store_true", help="also on Redis (redis-server)")
+    parser.add_argument("--only-redis", action="store_true", help="Redis only (implies --redis)")
+    parser.add_argument("--transports", default="pyvoy,grpcio", help="comma-separated")
+    parser.add_argument("--paths", default="trivial,full", help="comma-separated")
+    parser.add_argument("--workers", type=int, default=1, help="WORKERS")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="transport-bench-") as tmp:
@@ -141,9 +145,10 @@ def main() -> int:
             "trivial": request_file(work, "nobody", ["k1"]),
             "full": request_file(work, "bench", ["k1"]),
         }
-        backends = [("memory", "")]
+        bodies = {path: bodies[path] for path in args.paths.split(",")}
+        backends = [] if args.only_redis else [("memory", "")]
         redis = None
-        if args.redis:
+        if args.redis or args.only_redis:
             redis_port = free_port()
             argv = [find_redis_server(), "--port", str(redis_port), "--save", ""]
             redis = Server(argv, {}, work / "redis.log")
@@ -151,9 +156,11 @@ def main() -> int:
             backends.append(("redis", f"127.0.0.1:{redis_port}"))
         try:
             for backend, url in backends:
-                for transport in ("pyvoy", "grpcio"):
+                for transport in args.transports.split(","):
                     workdir = work / f"{transport}-{backend}"
-                    with start_service(transport, workdir, redis_url=url) as (server, port):
+                    with start_service(
+                        transport, workdir, redis_url=url, workers=args.workers
+                    ) as (server, port):
                         for path, body in bodies.items():
                             runs = sorted(
                                 (measure(server, port, body, requests=args.requests)

@@ -13,10 +13,11 @@ import gc
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ratelimit_svc import backends
 from ratelimit_svc.backends.latency import LatencyRecorder, TimedStore
@@ -26,7 +27,6 @@ from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.config.snapshot import encode, release
 from ratelimit_svc.config.source import ConfigSource, FileSource
 from ratelimit_svc.config.status import ConfigStatus
-from ratelimit_svc.config.xds import XdsConfigClient
 from ratelimit_svc.errors import ConfigError
 from ratelimit_svc.limiter.hotkeys import HotKeys
 from ratelimit_svc.limiter.limiter import Limiter, LimiterOptions, Request
@@ -34,7 +34,6 @@ from ratelimit_svc.limiter.peek import CounterView, peek
 from ratelimit_svc.limiter.store import CounterStore
 from ratelimit_svc.servers.console.model import Console
 from ratelimit_svc.servers.debug import start_debug_server
-from ratelimit_svc.servers.grpc_aio import start_grpc_server
 from ratelimit_svc.servers.health import Health, monitor_backend
 from ratelimit_svc.servers.http_api import Listener, start_http_server
 from ratelimit_svc.service import RateLimitService, RequestLimits
@@ -50,6 +49,7 @@ from ratelimit_svc.stats.reporter import StatsReporter, start_reporter
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
+    from ratelimit_svc.config.xds import XdsConfigClient
     from ratelimit_svc.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -123,12 +123,27 @@ class AppHook:
 
 
 async def _grpc_aio(service: RateLimitService, settings: Settings, serving: bool) -> GrpcListener:
+    # Imported here: grpc is not loaded where it is not used (pyvoy's processes, the primary
+    # without a gRPC port), about 10 MiB each (docs/performance.md (Memory)).
+    from ratelimit_svc.servers.grpc_aio import start_grpc_server
+
     return await start_grpc_server(service, settings, serving=serving)
+
+
+def _xds(source: ConfigSource) -> XdsConfigClient | None:
+    """``source`` if it is the xDS client. config/xds.py (and grpc with it) is imported only when
+    CONFIG_TYPE asks for xDS, so no instance can exist before it is."""
+    module = sys.modules.get("ratelimit_svc.config.xds")
+    if module is not None and isinstance(source, module.XdsConfigClient):
+        return cast("XdsConfigClient", source)
+    return None
 
 
 def config_source(settings: Settings) -> ConfigSource:
     """The source CONFIG_TYPE names: files (watched when RUNTIME_SUBDIRECTORY is set) or xDS."""
     if settings.config_type == "GRPC_XDS_SOTW":
+        from ratelimit_svc.config.xds import XdsConfigClient
+
         return XdsConfigClient(
             settings,
             wait_first=not settings.force_start_without_initial_config,
@@ -191,7 +206,7 @@ class App:
         self.debug: Listener | None = None
         # What the console shows (docs/console.md): load status, hot keys, backend latency, and
         # the other processes' reports (the primary's hook fills it, workers/roles.py).
-        xds = isinstance(self.source, XdsConfigClient)
+        xds = _xds(self.source) is not None
         self.config_status = ConfigStatus(source="xds" if xds else "file", clock=clock)
         self.hot_keys = HotKeys()
         self.latency = LatencyRecorder()
@@ -240,8 +255,8 @@ class App:
         if pickled is not None and self.hooks:  # worker processes are sent this very pickle
             self._pickled = (config, pickled)
         self.config = config
-        source = self.source
-        if isinstance(source, XdsConfigClient):
+        source = _xds(self.source)
+        if source is not None:
             self.config_status.loaded(version=source.version, nonce=source.nonce)
         else:
             self.config_status.loaded()
@@ -486,5 +501,3 @@ async def serve(settings: Settings, app_factory: Callable[[Settings], App] = App
     except asyncio.CancelledError:
         if not signals_seen:
             raise
-
-

@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ratelimit_svc import __version__
-from ratelimit_svc.config.loader import ConfigFile, load_config
 from ratelimit_svc.errors import ConfigError, RateLimitSvcError, SettingsError
 from ratelimit_svc.logsetup import configure_logging
 from ratelimit_svc.settings.model import Settings
-from ratelimit_svc.workers.roles import run
+from ratelimit_svc.workers.launch import run
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,10 @@ def config_check_main(argv: Sequence[str] | None = None) -> None:
         "only: docs/algorithms.md)",
     )
     args = parser.parse_args(argv)
+    # Imported here: the service's outer process does not load the YAML loader (docs/performance.md
+    # (Memory)).
+    from ratelimit_svc.config.loader import ConfigFile, load_config
+
     print("checking rate limit configs...")
     directory = Path(args.config_dir)
     print(f"loading config directory: {args.config_dir}")

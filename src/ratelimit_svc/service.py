@@ -25,6 +25,7 @@ from ratelimit_svc.limiter.matching import Override
 from ratelimit_svc.limiter.windows import Code
 from ratelimit_svc.pb.envoy.config.core.v3 import base_pb2
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2
+from ratelimit_svc.rls_wire import ResponseEncoder, decode_request
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ class RateLimitService:
         self.stats = stats
         self.limits = limits
         self.tracer = tracer
+        self._encoder = ResponseEncoder()
 
     async def should_rate_limit(
         self, request: Request, deadline: float | None = None
@@ -243,11 +245,16 @@ class RateLimitService:
         in, the response's bytes out, or ``RpcError`` with the gRPC status to answer. ``time_left``
         is the caller's deadline (seconds left) when the server does not enforce it itself;
         ``metadata`` gives the call's headers (read only when tracing, for the caller's trace)."""
-        request = parse_request(data)
-        if isinstance(request, MalformedRequest):
-            self.stats.add(STAT_TOTAL_REQUESTS)
-            self.stats.add(STAT_SERVICE_ERROR)
-            raise RpcError(Status.INVALID_ARGUMENT, f"malformed RateLimitRequest: {request.error}")
+        request = decode_request(data)
+        if request is None:  # not one the fast path reads: the generated code (rls_wire.py)
+            message = parse_request(data)
+            if isinstance(message, MalformedRequest):
+                self.stats.add(STAT_TOTAL_REQUESTS)
+                self.stats.add(STAT_SERVICE_ERROR)
+                raise RpcError(
+                    Status.INVALID_ARGUMENT, f"malformed RateLimitRequest: {message.error}"
+                )
+            request = request_from_proto(message)
         if self.tracer is None:
             return await self._decide(request, time_left)
         headers = metadata() if metadata is not None else ()
@@ -260,14 +267,14 @@ class RateLimitService:
             outcome(Status.OK, "")
             return response
 
-    async def _decide(self, request: rls_pb2.RateLimitRequest, time_left: float | None) -> bytes:
+    async def _decide(self, request: Request, time_left: float | None) -> bytes:
         started = _perf_counter()
         try:
             if time_left is None:
-                decision = await self.should_rate_limit(request_from_proto(request))
+                decision = await self.should_rate_limit(request)
             else:
                 async with asyncio.timeout(time_left):
-                    decision = await self.should_rate_limit(request_from_proto(request))
+                    decision = await self.should_rate_limit(request)
         except RequestError as exc:
             raise RpcError(Status.INVALID_ARGUMENT, str(exc)) from None
         except (BackendError, NoConfigError) as exc:
@@ -284,4 +291,7 @@ class RateLimitService:
             raise RpcError(Status.INTERNAL, "internal error") from None
         finally:
             self.stats.observe_ms(STAT_RESPONSE_TIME, (_perf_counter() - started) * 1000.0)
-        return response_to_proto(decision).SerializeToString()
+        encoded = self._encoder.encode(decision)
+        if encoded is None:  # headers, metadata or an unusual value: the generated code
+            encoded = response_to_proto(decision).SerializeToString()
+        return encoded

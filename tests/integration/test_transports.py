@@ -455,3 +455,29 @@ def test_unavailable_reason_without_a_shared_libpython(monkeypatch: pytest.Monke
     monkeypatch.setattr(find_libpython, "candidate_paths", lambda: iter(["/nonexistent/libpython3.so"]))
     reason = pyvoy_server.unavailable_reason(settings)
     assert reason is not None and "shared libpython" in reason
+
+
+def test_the_pyvoy_processes_never_import_grpc() -> None:
+    """grpc is the grpcio transport's alone (docs/performance.md, Memory): the modules an embedded
+    pyvoy app and its outer process load leave it out, so its ~14 MiB is not paid there."""
+    modules = [
+        "ratelimit_svc.workers.launch",
+        "ratelimit_svc.servers.pyvoy",
+        "ratelimit_svc.workers.embedded",
+        "ratelimit_svc.workers.roles",
+        "ratelimit_svc.app",
+        "ratelimit_svc.servers.grpc_asgi",
+        "ratelimit_svc.servers.tls",
+    ]
+    probe = "import importlib, sys\n"
+    probe += "".join(f"importlib.import_module({name!r})\n" for name in modules)
+    probe += "print(sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')))\n"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "[]", loaded
+    control = subprocess.run(
+        [sys.executable, "-c", "import ratelimit_svc.servers.grpc_aio, sys; print('grpc' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert control.strip() == "True"  # the probe would see grpc if it were loaded

@@ -14,6 +14,7 @@ from ratelimit_svc.limiter.localcache import LocalCache
 from ratelimit_svc.limiter.store import Increment
 from ratelimit_svc.limiter.windows import RuleCounts
 from ratelimit_svc.stats.registry import (
+    RULE_STATS,
     MemoryStats,
     local_cache_collector,
 )
@@ -75,6 +76,21 @@ def test_rule_stats_gauges_and_timers() -> None:
     assert snapshot["ratelimit.service.rate_limit.basic.key1.over_limit"] == 0
     assert snapshot["ratelimit.redis_pool.cx_active"] == 4
     assert stats.timers["ratelimit_server.ShouldRateLimit.response_time"] == [1, 1.5]
+
+
+def test_each_rule_stat_counts_into_its_own_name() -> None:
+    stats = MemoryStats()
+    counts = RuleCounts(
+        total_hits=1, over_limit=2, near_limit=3, within_limit=4, shadow_mode=5,
+        over_limit_with_local_cache=6,
+    )  # fmt: skip
+    for _ in range(2):  # the first decision creates the key's counters, the second reuses them
+        stats.add_rule("d.k", counts)
+    prefix = "ratelimit.service.rate_limit.d.k."
+    assert {name: stats.get(prefix + name) for name in RULE_STATS} == {
+        "total_hits": 2, "over_limit": 4, "near_limit": 6, "within_limit": 8, "shadow_mode": 10,
+        "over_limit_with_local_cache": 12,
+    }  # fmt: skip
 
 
 def test_names_are_sanitized() -> None:

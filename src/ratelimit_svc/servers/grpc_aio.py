@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from ratelimit_svc.errors import SettingsError
-from ratelimit_svc.servers import tls
+from ratelimit_svc.servers import tls_grpc
 from ratelimit_svc.servers.http_api import cannot_listen
 from ratelimit_svc.service import SHOULD_RATE_LIMIT, STAT_BACKEND_ERROR, RateLimitService, RpcError
 from ratelimit_svc.settings.model import Settings
@@ -98,9 +98,9 @@ async def start_grpc_server(
     credentials = None
     chain = list(interceptors)
     if settings.grpc_tls.server_use_tls:
-        credentials, _ = tls.server_credentials(settings.grpc_tls)
+        credentials, _ = tls_grpc.server_credentials(settings.grpc_tls)
         if settings.grpc_tls.client_tls_san:
-            chain.insert(0, tls.SanCheck(settings.grpc_tls.client_tls_san))
+            chain.insert(0, tls_grpc.SanCheck(settings.grpc_tls.client_tls_san))
     server = grpc.aio.server(options=options, interceptors=chain or None)
     server.add_generic_rpc_handlers((rate_limit_handlers(service),))
     health = HealthServicer()

@@ -273,15 +273,26 @@ class GrpcAsgiApp:
 
     async def _read_one(self, receive: Receive, encoding: bytes | None) -> bytes:
         """The request's one message, reassembled from the body's chunks."""
+        event = await receive()
+        if event["type"] != "http.request":  # http.disconnect
+            raise RpcError(Status.CANCELLED, "the client went away")
+        body: bytes = event.get("body", b"")
+        more = event.get("more_body", False)
+        # The usual case: the whole body in one event, one uncompressed message within the limit.
+        if not more and len(body) >= 5 and body[0] == 0:
+            length = int.from_bytes(body[1:5], "big")
+            if length == len(body) - 5 and not (
+                self.max_message_bytes and length > self.max_message_bytes
+            ):
+                return bytes(body[5:])
         messages = Messages(self.max_message_bytes, encoding)
-        found: list[bytes] = []
-        while True:
+        found = messages.feed(body)
+        while more:
             event = await receive()
-            if event["type"] != "http.request":  # http.disconnect
+            if event["type"] != "http.request":
                 raise RpcError(Status.CANCELLED, "the client went away")
             found += messages.feed(event.get("body", b""))
-            if not event.get("more_body", False):
-                break
+            more = event.get("more_body", False)
         messages.finish()
         if len(found) != 1:
             raise RpcError(

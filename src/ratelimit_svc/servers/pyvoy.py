@@ -34,7 +34,6 @@ from pathlib import Path
 from ratelimit_svc.errors import SettingsError
 from ratelimit_svc.servers.envoy_bootstrap import envoy_argv, envoy_config
 from ratelimit_svc.servers.envoy_log import EnvoyLog
-from ratelimit_svc.servers.http_api import cannot_listen
 from ratelimit_svc.servers.tls import SdsFiles
 from ratelimit_svc.settings.model import Settings
 
@@ -306,6 +305,9 @@ def _port_refused(settings: Settings) -> str | None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(address)
     except OSError as exc:
+        # Imported here: aiohttp (~14 MiB) stays out of the process that only supervises Envoy.
+        from ratelimit_svc.servers.http_api import cannot_listen
+
         return cannot_listen("gRPC", "GRPC_HOST/GRPC_PORT", host, port, exc)
     return None
 

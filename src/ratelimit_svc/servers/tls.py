@@ -1,8 +1,8 @@
 """gRPC server TLS and mTLS (GRPC_SERVER_USE_TLS, GRPC_SERVER_TLS_*, GRPC_CLIENT_TLS_*) on both
 transports (docs/operations.md (gRPC TLS and mTLS), docs/transports.md): certificate files re-read
-when they change, handed to grpcio as credentials or to Envoy as SDS files (``SdsFiles``), and the
-client certificate's SAN check: ``SanCheck`` on grpcio, ``forwarded_sans`` of the header Envoy
-sets on pyvoy.
+when they change, handed to Envoy as SDS files (``SdsFiles``) or to grpcio (``tls_grpc.py``, kept
+apart so that pyvoy's processes never import grpc), and the client certificate's SAN check on
+pyvoy (``forwarded_sans`` of the header Envoy sets).
 """
 
 from __future__ import annotations
@@ -10,16 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import json
 import logging
 import os
 import re
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-
-import grpc
 
 from ratelimit_svc.errors import SettingsError
 from ratelimit_svc.settings.model import GrpcTlsSettings
@@ -102,33 +98,14 @@ class CertificateFiles:
         except (OSError, ValueError) as exc:
             with contextlib.suppress(OSError):
                 self._refused = self._current_stamp()
-            log.error("gRPC TLS: keeping the current certificate: cannot load %s: %s",
-                      ", ".join(self.paths()), exc)
+            log.error(
+                "gRPC TLS: keeping the current certificate: cannot load %s: %s",
+                ", ".join(self.paths()),
+                exc,
+            )
             return None
         log.warning("gRPC TLS: loaded a new server certificate from %s", self.cert)
         return pems
-
-    def fetch(self) -> Any:
-        """gRPC's certificate-configuration fetcher: a new configuration, or None for no change."""
-        pems = self.reload()
-        return None if pems is None else _grpc_configuration(pems)
-
-
-def _grpc_configuration(pems: Pems) -> Any:
-    chain, key, root = pems
-    return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=root)
-
-
-def server_credentials(
-    settings: GrpcTlsSettings,
-) -> tuple[grpc.ServerCredentials, CertificateFiles]:
-    files = CertificateFiles.of(settings)
-    credentials = grpc.dynamic_ssl_server_credentials(
-        _grpc_configuration(files.first_load()),
-        files.fetch,
-        require_client_authentication=bool(settings.client_tls_cacert),
-    )
-    return credentials, files
 
 
 def san_refusal(san: str) -> str:
@@ -202,59 +179,3 @@ class SdsFiles:
             await asyncio.sleep(interval)
             if (pems := self.files.reload()) is not None:
                 self.write(pems)
-
-
-_Handler = Callable[..., Any]
-
-
-class SanCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Refuses calls whose client certificate lacks ``san`` among its subject alternative names."""
-
-    def __init__(self, san: str) -> None:
-        self.san = san.encode()
-
-    def allowed(self, context: grpc.aio.ServicerContext) -> bool:
-        names = context.auth_context().get("x509_subject_alternative_name", [])
-        return self.san in names
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[Any], Awaitable[Any]],
-        handler_call_details: Any,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(handler.unary_unary))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._streaming(handler.unary_stream))
-        if handler.stream_unary is not None:
-            return handler._replace(stream_unary=self._unary(handler.stream_unary))
-        return handler._replace(stream_stream=self._streaming(handler.stream_stream))
-
-    async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
-        log.debug("refused a call from %s: client certificate without SAN %r",
-                  context.peer(), self.san.decode())
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, san_refusal(self.san.decode()))
-
-    def _unary(self, behaviour: _Handler) -> _Handler:
-        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if not self.allowed(context):
-                await self._refuse(context)
-            return await behaviour(request, context)
-
-        return checked
-
-    def _streaming(self, behaviour: _Handler) -> _Handler:
-        async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if not self.allowed(context):
-                await self._refuse(context)
-            result = behaviour(request, context)
-            if inspect.isasyncgen(result):
-                async for item in result:
-                    yield item
-            else:
-                await result  # a handler that writes with context.write()
-
-        return checked

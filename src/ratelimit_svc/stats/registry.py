@@ -59,6 +59,7 @@ class MemoryStats:
         self._counters: dict[str, _Counter] = {}
         # stats key -> {stat -> counter}; least recently used first.
         self._keys: OrderedDict[str, dict[str, _Counter]] = OrderedDict()
+        self._rule_rows: dict[str, tuple[_Counter, ...]] = {}  # see add_rule
         self._gauges: dict[str, int] = {}
         self.timers: dict[str, list[float]] = {}  # name -> [count, total milliseconds]
         self._collectors: list[Collector] = []
@@ -84,16 +85,28 @@ class MemoryStats:
 
     def add_rule(self, stats_key: str, counts: RuleCounts) -> None:
         """Add one decision's deltas to the six stats of ``stats_key``."""
-        counters = self._keys.get(stats_key)  # hot path: a key held (so sanitized already)
-        if counters is None:
-            counters = self._key_counters(sanitize(stats_key))
+        row = self._rule_rows.get(stats_key)  # hot path: a key held (so sanitized already)
+        if row is None:
+            row = self._rule_row(stats_key)
         else:
             self._keys.move_to_end(stats_key)
-        for stat in RULE_STATS:
-            counter = counters.get(stat)
-            if counter is None:
-                counter = counters[stat] = _Counter()
-            counter.total += getattr(counts, stat)
+        total_hits, over_limit, near_limit, within_limit, shadow_mode, local_cache = row
+        total_hits.total += counts.total_hits
+        over_limit.total += counts.over_limit
+        near_limit.total += counts.near_limit
+        within_limit.total += counts.within_limit
+        shadow_mode.total += counts.shadow_mode
+        local_cache.total += counts.over_limit_with_local_cache
+
+    def _rule_row(self, stats_key: str) -> tuple[_Counter, ...]:
+        """The six counters of ``stats_key`` in RULE_STATS order, kept for the key's next
+        decisions while it is held under its own name (until evicted)."""
+        key = sanitize(stats_key)
+        counters = self._key_counters(key)
+        row = tuple([counters.setdefault(stat, _Counter()) for stat in RULE_STATS])
+        if key == stats_key:
+            self._rule_rows[key] = row
+        return row
 
     def set_counter(self, name: str, total: int) -> None:
         """Set a counter kept elsewhere (e.g. connections ever opened) to its running total."""
@@ -139,6 +152,7 @@ class MemoryStats:
 
     def _evict(self) -> None:
         old_key, old = self._keys.popitem(last=False)
+        self._rule_rows.pop(old_key, None)
         self.evicted_keys += 1
         sink = self.sink
         if sink is None:

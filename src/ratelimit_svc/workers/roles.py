@@ -1,6 +1,7 @@
 """The two roles of a multi-process service (WORKERS > 1), built on ``App``: the primary (the
 whole service, whose stats also sum the workers' and whose configs reach them) and a gRPC worker
-(configs from the primary, stats to it). ``run`` starts one process or a primary and its pool."""
+(configs from the primary, stats to it). ``run_processes`` starts one process or a primary and its
+pool."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from ratelimit_svc.service import RateLimitService
 from ratelimit_svc.settings.model import Settings
 from ratelimit_svc.stats.registry import MemoryStats
 from ratelimit_svc.workers.aggregation import AggregateStats, Report
-from ratelimit_svc.workers.supervisor import Link, WorkerPool, reserve_port, run_loop, worker_count
+from ratelimit_svc.workers.supervisor import Link, WorkerPool, reserve_port, run_loop
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +42,10 @@ log = logging.getLogger(__name__)
 REPORT_INTERVAL = 1.0  # seconds between a worker's stats reports to the primary
 
 
-def run(settings: Settings, env: Mapping[str, str]) -> None:
-    """The service: one process, or a primary and its workers (``env`` rebuilds the settings in
-    each worker, the environment being the one place settings come from)."""
-    count = worker_count(settings)
-    on_pyvoy = settings.grpc_server == "pyvoy"
-    if on_pyvoy and (reason := pyvoy.unavailable_reason(settings)) is not None:
-        log.warning("GRPC_SERVER=pyvoy: using grpcio instead: %s", reason)
-        on_pyvoy = False
-    if on_pyvoy and count == 1:
-        code = 0
-
-        async def supervised() -> None:
-            nonlocal code
-            code = await pyvoy.supervise(settings)
-
-        run_loop(supervised())
-        if code:
-            sys.exit(code)
-        return
+def run_processes(settings: Settings, env: Mapping[str, str], count: int, on_pyvoy: bool) -> None:
+    """Everything but a lone pyvoy worker (workers/launch.py): one process serving it all, or a
+    primary and its ``count`` workers (``env`` rebuilds the settings in each worker, the
+    environment being the one place settings come from)."""
     if count == 1:
         run_loop(serve(settings))
         return

@@ -106,16 +106,27 @@ class ServerClient:
         conn = self._conn
         return conn if conn is not None and not conn.closed else None
 
-    async def exchange(
+    def exchange(
         self, commands: Sequence[Command], deadline: float | None = None
-    ) -> list[Any]:
+    ) -> Awaitable[list[Any]]:
         """Every command's reply, in order (error replies as ``ReplyError``), within the
-        operation timeout (or by ``deadline``, a loop time); failures raise BackendError."""
+        operation timeout (or by ``deadline``, a loop time); failures raise BackendError. On an
+        open connection this is the connection's future itself: no coroutine per call."""
         conn = self._conn
+        if conn is None or conn.closed:
+            return self._exchange_connecting(commands, deadline)
+        if deadline is None:
+            # The connection's loop: asyncio.get_running_loop() makes a getpid() system call
+            # on Python 3.11, once per request here.
+            deadline = conn.loop.time() + self.op_timeout
+        return conn.call(pack(commands), len(commands), deadline)
+
+    async def _exchange_connecting(
+        self, commands: Sequence[Command], deadline: float | None
+    ) -> list[Any]:
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + self.op_timeout
-        if conn is None or conn.closed:
-            conn = await self._connection(deadline)
+        conn = await self._connection(deadline)
         return await conn.call(pack(commands), len(commands), deadline)
 
     def reset(self, reason: str) -> None:

@@ -9,7 +9,7 @@ optionally coalesced further by REDIS_PIPELINE_WINDOW). Credentials never reach 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ratelimit_svc.backends.redis import scripts as redis_scripts
@@ -131,7 +131,7 @@ class CommandStore:
         )
         self.key_errors = 0  # error replies about one key (CounterError), for stats and tests
 
-    async def _send(self, commands: Sequence[Command]) -> list[Any]:
+    def _send(self, commands: Sequence[Command]) -> Awaitable[list[Any]]:
         raise NotImplementedError
 
     def pool_stats(self) -> dict[str, int]:
@@ -254,9 +254,10 @@ class CommandStore:
             text = f"{text} ({self.address})"
         return BackendError(f"{self.label}: {text}")
 
-    async def _round_trip(self, commands: Sequence[Command]) -> list[Any]:
-        """``_send``: one round trip, bounded by the operation timeout."""
-        return await self._send(commands)
+    def _round_trip(self, commands: Sequence[Command]) -> Awaitable[list[Any]]:
+        """``_send``: one round trip, bounded by the operation timeout. A plain call returning
+        the awaitable: no coroutine layer per request (docs/performance.md)."""
+        return self._send(commands)
 
     def _as_int(self, reply: Any, key: Any) -> int:
         try:

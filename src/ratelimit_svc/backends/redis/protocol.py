@@ -103,7 +103,7 @@ class Connection(asyncio.Protocol):
         self.reset_on = reset_on
         self._stats = stats
         self._on_push = on_push
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._reader = hiredis.Reader(replyError=ReplyError)
         self._transport: asyncio.Transport | None = None
         self._waiting: collections.deque[_Call] = collections.deque()
@@ -112,7 +112,7 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
         self.closed = False
-        self.lost: asyncio.Future[None] = self._loop.create_future()
+        self.lost: asyncio.Future[None] = self.loop.create_future()
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -163,15 +163,15 @@ class Connection(asyncio.Protocol):
 
     def call(self, data: bytes, count: int, deadline: float) -> asyncio.Future[list[Any]]:
         """Queue ``count`` packed commands for this loop turn's write; their replies, in order."""
-        future: asyncio.Future[list[Any]] = self._loop.create_future()
+        future: asyncio.Future[list[Any]] = self.loop.create_future()
         if self.closed:
             future.set_exception(BackendError(f"{self.label}: connection to {self.address} closed"))
             return future
         self._unsent.append(_Call(data, count, deadline, future))
         if self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
+            self._flush_handle = self.loop.call_soon(self._flush)
         if self._timer is None:
-            self._timer = self._loop.call_at(deadline, self._check_deadlines)
+            self._timer = self.loop.call_at(deadline, self._check_deadlines)
         return future
 
     def _flush(self) -> None:
@@ -197,7 +197,7 @@ class Connection(asyncio.Protocol):
         self._timer = None
         if self.closed:
             return
-        now = self._loop.time()
+        now = self.loop.time()
         waiting = self._waiting
         # Drop answered-or-cancelled-and-unsent calls at the heads (they have no deadline left).
         self._unsent = [c for c in self._unsent if not c.future.done()]
@@ -206,7 +206,7 @@ class Connection(asyncio.Protocol):
             return
         heads = [queue[0].deadline for queue in (waiting, self._unsent) if queue]
         if heads:
-            self._timer = self._loop.call_at(min(heads), self._check_deadlines)
+            self._timer = self.loop.call_at(min(heads), self._check_deadlines)
 
     # -- closing ----------------------------------------------------------------------------------
 

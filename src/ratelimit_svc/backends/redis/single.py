@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ratelimit_svc.backends.redis.client import ServerClient
@@ -51,8 +51,8 @@ class RedisStore(CommandStore):
     def _redact(self, text: str) -> str:
         return self._redactor(text)
 
-    async def _send(self, commands: Sequence[Command]) -> list[Any]:
-        return await self._server.exchange(commands)
+    def _send(self, commands: Sequence[Command]) -> Awaitable[list[Any]]:
+        return self._server.exchange(commands)
 
     async def close(self) -> None:
         await super().close()
