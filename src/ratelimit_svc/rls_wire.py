@@ -6,6 +6,8 @@ kept across requests. Both cover the common messages only and return None for an
 unknown or repeated singular field, malformed bytes, a value out of its field's range, response
 headers or dynamic metadata): the caller then uses the generated code, so every message gets the
 answer it got before. tests/unit/test_rls_wire.py checks both against the generated code.
+Why by hand: in process, with the memory backend and one descriptor, a request cost 55.7 µs of
+CPU through the generated (upb) messages and 44.8 µs with these two functions.
 """
 
 from __future__ import annotations
