@@ -189,6 +189,16 @@ async def test_a_fork_server_that_died_is_replaced_by_the_next_load(config_dir: 
         assert fork_server_pid() != dead
 
 
+async def test_the_fork_server_stays_without_asyncio(config_dir: Path) -> None:
+    """It is idle most of its life, so it holds only the child's side of a load
+    (config/load_child.py): no asyncio, ~13 MiB instead of ~16 (docs/performance.md#memory)."""
+    async with App(settings_for(config_dir)) as app:  # its first load started the fork server
+        assert app.config is not None
+        maps = await asyncio.to_thread(Path(f"/proc/{fork_server_pid()}/maps").read_text)
+    assert "_yaml" in maps  # the loader is preloaded: its C parser is mapped
+    assert "_asyncio" not in maps
+
+
 async def test_a_file_over_the_size_cap_keeps_the_last_config(
     config_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -14,29 +14,23 @@ memory) is a failed load like a bad file: the last good config stays.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import logging
 import multiprocessing
 import multiprocessing.forkserver
-import os
 import pickle
 import socket
-import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ratelimit_svc.config import load_child
 from ratelimit_svc.config.files import RuntimeLocation, load_from_files
+from ratelimit_svc.config.load_child import SIZES, child_main
 from ratelimit_svc.config.rules import RateLimitConfig
-from ratelimit_svc.config.snapshot import decode, encode
+from ratelimit_svc.config.snapshot import decode
 from ratelimit_svc.errors import ConfigError
 
-log = logging.getLogger(__name__)
-
 _CONTEXT = multiprocessing.get_context("forkserver")
-LOAD_NICENESS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +67,11 @@ async def build_in_child(
     # builder's): slow, so not on the event loop. Every later load forks a warm copy of it in
     # milliseconds, with no interpreter start and no imports. A fork server that has died
     # (killed, out of memory) is started again by ``ensure_running``.
-    _CONTEXT.set_forkserver_preload([__name__, build.__module__])  # no effect once it runs
+    # Only the child's side (no asyncio): the fork server is idle most of its life.
+    _CONTEXT.set_forkserver_preload([load_child.__name__, build.__module__])  # once it runs: none
     ours, theirs = socket.socketpair()
     process: Any = _CONTEXT.Process(
-        target=_child_main,
+        target=child_main,
         args=(theirs, build, args, kwargs),
         name="ratelimit-config-load",
         daemon=True,
@@ -117,18 +112,15 @@ async def build_in_child(
     return LoadedConfig(config, payload)
 
 
-_SIZES = struct.Struct("!QQ")  # the answer: the sizes of its header and of the encoded config
-
-
 async def _receive(sock: socket.socket) -> tuple[Any, bytes] | None:
     """The child's answer: its header (status, error, log records) and the encoded config, or
     None when it closed its end first. Read into buffers of the announced sizes, chunk by chunk
     as the loop hands them over: a 13 MB snapshot is never joined or copied whole here."""
     sock.setblocking(False)
-    sizes = await _read_exactly(sock, _SIZES.size)
+    sizes = await _read_exactly(sock, SIZES.size)
     if sizes is None:
         return None
-    header_size, payload_size = _SIZES.unpack(sizes)
+    header_size, payload_size = SIZES.unpack(sizes)
     header = await _read_exactly(sock, header_size)
     payload = await _read_exactly(sock, payload_size)
     if header is None or payload is None:
@@ -148,54 +140,3 @@ async def _read_exactly(sock: socket.socket, size: int) -> bytearray | None:
         done += got
     view.release()
     return buffer
-
-
-class _Records(logging.Handler):
-    """Keeps what the child logs, to be logged again by the parent (which owns the log)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[tuple[int, str, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((record.levelno, record.name, record.getMessage()))
-
-
-def _child_main(
-    sock: socket.socket,
-    build: Callable[..., RateLimitConfig | None],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> None:
-    # Below the serving processes in the CPU queue: on a busy machine a load takes longer rather
-    # than slowing requests down.
-    with contextlib.suppress(OSError):
-        os.nice(LOAD_NICENESS)
-    # The parse makes about ten container objects per config line, none of them in a cycle: the
-    # cyclic collector would scan them again and again (more than half of this process's CPU
-    # for a big config) to free nothing. This process ends after one load.
-    gc.disable()
-    handler = _Records()
-    package = logging.getLogger(__name__.partition(".")[0])
-    package.addHandler(handler)
-    package.setLevel(logging.DEBUG)
-    package.propagate = False
-    status, error, encoded = "ok", "", b""
-    started = time.process_time()
-    try:
-        config = build(*args, **kwargs)
-    except ConfigError as exc:
-        status, error = "error", str(exc)
-    except Exception as exc:  # a defect: still only a failed load, reported as one
-        status, error = "error", f"unexpected {type(exc).__name__} while loading: {exc}"
-    else:
-        if config is None:
-            status = "none"
-        else:
-            encoded = encode(config)
-        log.info("config load process: %.3fs of CPU", time.process_time() - started)
-    header = pickle.dumps((status, error, handler.records), pickle.HIGHEST_PROTOCOL)
-    with sock:
-        sock.sendall(_SIZES.pack(len(header), len(encoded)))
-        sock.sendall(header)
-        sock.sendall(encoded)

@@ -15,7 +15,6 @@ counting alone frees it.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import pickle
 import re
@@ -77,6 +76,10 @@ def _records(config: RateLimitConfig) -> Iterator[tuple[Any, ...]]:
 
 async def decode(data: bytes) -> RateLimitConfig | None:
     """The config ``encode`` made, rebuilt on the event loop one slice at a time."""
+    # asyncio only where the loop is used: the config load process imports this module for
+    # ``encode`` and stays without it (config/load_child.py).
+    import asyncio
+
     global _gc_pauses
     view = memoryview(data)
     (size,) = _HEAD.unpack_from(view)
@@ -120,6 +123,8 @@ async def release(config: RateLimitConfig) -> None:
     """Free a replaced config one slice of nodes at a time on the event loop (freeing a whole
     tree is one deallocation cascade). Requests that still hold it (each keeps the snapshot it
     started with) are unaffected: this only drops references."""
+    import asyncio  # as in decode
+
     pending: list[Node] = list(config.domains.values())
     del config
     nodes: deque[Node] = deque()  # parents before their children
