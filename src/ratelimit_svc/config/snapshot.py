@@ -25,7 +25,7 @@ from typing import Any
 
 from ratelimit_svc.config.rules import Node, RateLimitConfig
 
-SLICE_NODES = 200  # about 2 ms of decoding (up to 5 on a busy machine)
+SLICE_NODES = 1000  # about 5 ms of decoding (up to 25 on a busy machine; make bench-reload)
 # Idle time between slices: gRPC's completion-queue thread needs the GIL to hand each call event
 # to the loop, and only gets it at once while this thread waits; sleep(0) never waits.
 PAUSE_SECONDS = 0.001
