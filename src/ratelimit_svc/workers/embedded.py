@@ -71,6 +71,18 @@ async def _answers_sent() -> None:
                 await pyvoy.wait_requests_done(admin)
 
 
+async def _close(app: App, certificates: asyncio.Task[None] | None) -> None:
+    """The App's drain and close, then wait until its answers have left Envoy."""
+    if certificates is not None:
+        await cancel_and_wait(certificates)
+    app.stop()
+    try:
+        await app.__aexit__(None, None, None)
+    except Exception:
+        log.exception("error while shutting down")
+    await _answers_sent()
+
+
 def _watch_certificates(settings: Settings) -> asyncio.Task[None] | None:
     """With GRPC_SERVER_USE_TLS, the task that has Envoy read changed certificate files again
     (servers/tls.py: SdsFiles, written first by the process that started Envoy)."""
@@ -173,14 +185,7 @@ class Embedded:
         running = asyncio.ensure_future(app.run())
         shutdown = asyncio.ensure_future(receive())
         await asyncio.wait((running, shutdown), return_when=asyncio.FIRST_COMPLETED)
-        if certificates is not None:
-            await cancel_and_wait(certificates)
-        app.stop()
-        try:
-            await app.__aexit__(None, None, None)
-        except Exception:
-            log.exception("error while shutting down")
-        await _answers_sent()
+        await _close(app, certificates)
         if running.done():  # told to stop (or the primary went away): stop our Envoy too
             os.kill(os.getpid(), signal.SIGTERM)
         await shutdown
@@ -226,14 +231,7 @@ class Embedded:
         app, self.app = self.app, None
         if app is None:
             return
-        if self._certificates is not None:
-            await cancel_and_wait(self._certificates)
-        app.stop()
-        try:
-            await app.__aexit__(None, None, None)
-        except Exception:
-            log.exception("error while shutting down")
-        await _answers_sent()
+        await _close(app, self._certificates)
         self._tell("stopped")
 
 
