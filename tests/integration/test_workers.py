@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -126,6 +127,30 @@ def test_aggregate_stats_sum_the_workers_and_the_primary() -> None:
     stats.forget(2)  # worker 2 exited: its open connections are gone, its counts stay
     assert stats.snapshot()["ratelimit.redis_pool.cx_active"] == 4
     assert stats.snapshot()["ratelimit.service.rate_limit.w.k.total_hits"] == 6
+
+
+def test_aggregate_stats_stay_bounded_by_the_stats_lru_for_ever_new_keys() -> None:
+    # Workers report per-key stats for descriptor values never seen again (ids, paths): the
+    # primary holds at most max_keys of them, whatever it keeps to add the workers' totals.
+    stats = AggregateStats(max_keys=100)
+
+    def merge_keys(first: int, count: int) -> None:
+        for n in range(first, first + count):
+            stats.merge(1, {f"ratelimit.service.rate_limit.d.user_u{n}.total_hits": 1}, {}, {})
+
+    merge_keys(0, 5_000)  # the LRU is full and the allocator warm
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        merge_keys(5_000, 20_000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(stats) == 100
+    assert grown < 200_000, f"{grown} bytes kept for 20,000 keys the LRU evicted"
+    stats.merge(1, {"ratelimit.redis_pool.cx_total": 3}, {}, {})
+    stats.set_counter("ratelimit.redis_pool.cx_total", 2)  # a running total: workers' share kept
+    assert stats.snapshot()["ratelimit.redis_pool.cx_total"] == 5
 
 
 def test_report_collects_one_flush() -> None:
