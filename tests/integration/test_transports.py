@@ -481,3 +481,18 @@ def test_the_pyvoy_processes_never_import_grpc() -> None:
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert control.strip() == "True"  # the probe would see grpc if it were loaded
+
+
+
+def test_a_grpc_worker_imports_no_http_server_console_or_config_loader() -> None:
+    """docs/performance.md (Memory): the Envoys of WORKERS serve gRPC only, so importing the
+    embedded app loads neither aiohttp, the console, nor the config file loader (PyYAML,
+    multiprocessing's fork server); the process that serves the operator ports imports them when
+    it starts them."""
+    heavy = ["aiohttp", "yaml", "ratelimit_svc.servers.console.model", "ratelimit_svc.config.load_process"]
+    probe = f"import sys, ratelimit_svc.workers.embedded\nprint([m for m in {heavy!r} if m in sys.modules])\n"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded
+    control = f"import sys, ratelimit_svc.servers.debug, ratelimit_svc.config.source\nprint([m for m in {heavy!r} if m in sys.modules])\n"
+    seen = subprocess.run([sys.executable, "-c", control], capture_output=True, text=True, check=True).stdout
+    assert seen.strip() == repr(heavy)  # the probe would see them if they were loaded
