@@ -55,7 +55,9 @@ async def start(transport: str, tmp_path: Path, rules: str | None = RULES, **env
     runtime, _ = config_dir_env(tmp_path, rules)
     service = await ServiceProcess.start(base_env(**{**runtime, "GRPC_SERVER": transport, **env}))
     listening = next(line for line in service.lines if "Listening for gRPC" in line)
-    assert ("ratelimit_svc.servers.pyvoy" in listening) == (transport == "pyvoy"), service.lines
+    if ("ratelimit_svc.servers.pyvoy" in listening) != (transport == "pyvoy"):
+        await service.kill()  # not left running behind the failure
+        raise AssertionError(service.lines)
     return service
 
 
