@@ -22,20 +22,15 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from ratelimit_svc import backends
 from ratelimit_svc.backends.latency import LatencyRecorder, TimedStore
 from ratelimit_svc.config.build import fixed_windows_only
-from ratelimit_svc.config.files import RuntimeLocation
 from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.config.snapshot import encode, release
-from ratelimit_svc.config.source import ConfigSource, FileSource
 from ratelimit_svc.config.status import ConfigStatus
 from ratelimit_svc.errors import ConfigError
 from ratelimit_svc.limiter.hotkeys import HotKeys
 from ratelimit_svc.limiter.limiter import Limiter, LimiterOptions, Request
 from ratelimit_svc.limiter.peek import CounterView, peek
 from ratelimit_svc.limiter.store import CounterStore
-from ratelimit_svc.servers.console.model import Console
-from ratelimit_svc.servers.debug import start_debug_server
 from ratelimit_svc.servers.health import Health, monitor_backend
-from ratelimit_svc.servers.http_api import Listener, start_http_server
 from ratelimit_svc.service import RateLimitService, RequestLimits
 from ratelimit_svc.settings.model import Settings
 from ratelimit_svc.stats.registry import (
@@ -49,7 +44,10 @@ from ratelimit_svc.stats.reporter import StatsReporter, start_reporter
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
+    from ratelimit_svc.config.source import ConfigSource
     from ratelimit_svc.config.xds import XdsConfigClient
+    from ratelimit_svc.servers.console.model import Console
+    from ratelimit_svc.servers.http_api import Listener
     from ratelimit_svc.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -149,6 +147,10 @@ def config_source(settings: Settings) -> ConfigSource:
             wait_first=not settings.force_start_without_initial_config,
             max_message_bytes=settings.xds.max_msg_size_in_bytes,
         )
+    # Imported here: a gRPC worker, whose configs come from the primary, loads no files.
+    from ratelimit_svc.config.files import RuntimeLocation
+    from ratelimit_svc.config.source import FileSource
+
     location = RuntimeLocation(
         settings.runtime_root,
         settings.runtime_subdirectory,
@@ -333,6 +335,12 @@ class App:
             ops.push_async_callback(cancel_and_wait, task)
         if not self.operator_ports:
             return
+        # Imported here: aiohttp and the console stay out of gRPC workers (docs/performance.md
+        # (Memory)).
+        from ratelimit_svc.servers.console.model import Console
+        from ratelimit_svc.servers.debug import start_debug_server
+        from ratelimit_svc.servers.http_api import start_http_server
+
         self.http = await start_http_server(
             self.service, self.health, settings.host, settings.port,
             idle_timeout=settings.http_idle_timeout,

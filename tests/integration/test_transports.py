@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import re
 import shutil
 import signal
 import subprocess
@@ -54,7 +55,9 @@ async def start(transport: str, tmp_path: Path, rules: str | None = RULES, **env
     runtime, _ = config_dir_env(tmp_path, rules)
     service = await ServiceProcess.start(base_env(**{**runtime, "GRPC_SERVER": transport, **env}))
     listening = next(line for line in service.lines if "Listening for gRPC" in line)
-    assert ("ratelimit_svc.servers.pyvoy" in listening) == (transport == "pyvoy"), service.lines
+    if ("ratelimit_svc.servers.pyvoy" in listening) != (transport == "pyvoy"):
+        await service.kill()  # not left running behind the failure
+        raise AssertionError(service.lines)
     return service
 
 
@@ -481,3 +484,43 @@ def test_the_pyvoy_processes_never_import_grpc() -> None:
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert control.strip() == "True"  # the probe would see grpc if it were loaded
+
+
+
+def test_a_grpc_worker_imports_no_http_server_console_or_config_loader() -> None:
+    """docs/performance.md (Memory): the Envoys of WORKERS serve gRPC only, so importing the
+    embedded app loads neither aiohttp, the console, nor the config file loader (PyYAML,
+    multiprocessing's fork server); the process that serves the operator ports imports them when
+    it starts them."""
+    heavy = ["aiohttp", "yaml", "ratelimit_svc.servers.console.model", "ratelimit_svc.config.load_process"]
+    probe = f"import sys, ratelimit_svc.workers.embedded\nprint([m for m in {heavy!r} if m in sys.modules])\n"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded
+    control = f"import sys, ratelimit_svc.servers.debug, ratelimit_svc.config.source\nprint([m for m in {heavy!r} if m in sys.modules])\n"
+    seen = subprocess.run([sys.executable, "-c", control], capture_output=True, text=True, check=True).stdout
+    assert seen.strip() == repr(heavy)  # the probe would see them if they were loaded
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_each_envoy_lets_go_of_its_startup_file_pages(workers: int, tmp_path: Path, redis_db: RedisServer) -> None:
+    """docs/performance.md (Memory): once serving, every process releases the file pages starting
+    touched (workers/resident.py): each Envoy (the lone one, or each of WORKERS) once it listens,
+    the outer process or primary once they serve; and Envoy keeps serving from the pages it maps
+    again."""
+    backend = {"BACKEND_TYPE": "redis", "REDIS_SOCKET_TYPE": "tcp", "REDIS_URL": redis_db.url}
+    runtime, _ = config_dir_env(tmp_path, RULES)
+    env = {**runtime, **backend, "GRPC_SERVER": "pyvoy", "LOG_LEVEL": "DEBUG", "WORKERS": str(workers)}
+    service = await ServiceProcess.start(base_env(**env))
+    try:
+        def released() -> list[int]:
+            found = (re.search(r"released (\d+) kB of resident file pages", line) for line in service.lines)
+            return sorted((int(match[1]) for match in found if match), reverse=True)
+
+        while len(released()) < workers + 1:
+            await service.wait_for_line("resident file pages")
+        assert all(kb > 10_000 for kb in released()[:workers]), released()  # Envoy's binary is 100 MB
+        async with grpc.aio.insecure_channel(target(service)) as channel:
+            answer = await rls_pb2_grpc.RateLimitServiceStub(channel).ShouldRateLimit(request(), timeout=10)
+        assert answer.overall_code == rls_pb2.RateLimitResponse.OK
+        await stop(service)
+    finally:
+        await service.kill()

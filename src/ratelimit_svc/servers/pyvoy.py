@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -312,8 +312,9 @@ def _port_refused(settings: Settings) -> str | None:
     return None
 
 
-async def supervise(settings: Settings) -> int:
-    """Run the service in Envoy until a signal; the exit status."""
+async def supervise(settings: Settings, started: Callable[[], object] | None = None) -> int:
+    """Run the service in Envoy until a signal; the exit status. ``started`` is called once
+    Envoy listens."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     first_signal_at = 0.0
@@ -369,14 +370,18 @@ async def supervise(settings: Settings) -> int:
                         continue
                     log.error("Envoy (pyvoy) could not start (exit status %s)", code)
                     return 1
-                return await _serve(envoy, settings, workdir, stop_requested)
+                return await _serve(envoy, settings, workdir, stop_requested, started)
             finally:
                 await envoy.close()
     return 1
 
 
 async def _serve(
-    envoy: EnvoyProcess, settings: Settings, workdir: str, stop_requested: asyncio.Event
+    envoy: EnvoyProcess,
+    settings: Settings,
+    workdir: str,
+    stop_requested: asyncio.Event,
+    started: Callable[[], object] | None,
 ) -> int:
     state = await envoy.next_message()  # after "starting": the backend and config are ready
     if state == "failed":  # the app logged why, in one line: Envoy's echo of it is not logged
@@ -393,6 +398,8 @@ async def _serve(
         return 1
     log.warning("Listening for gRPC on '%s'", await envoy.listening_address(workdir))
     log.info("started (pid %d, Envoy (pyvoy) pid %d)", os.getpid(), envoy.process.pid)
+    if started is not None:
+        started()
     state = await envoy.next_message()  # "stopped" after a stop; None if Envoy died
     if state == "stopped":
         envoy.signal(signal.SIGTERM)

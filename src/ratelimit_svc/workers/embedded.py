@@ -48,6 +48,7 @@ from ratelimit_svc.servers.pyvoy import (
 from ratelimit_svc.servers.tls import SdsFiles
 from ratelimit_svc.service import RateLimitService
 from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.workers.resident import release_file_pages
 from ratelimit_svc.workers.roles import worker_app
 from ratelimit_svc.workers.supervisor import Link
 
@@ -61,6 +62,13 @@ async def _grpc_in_envoy(service: RateLimitService, settings: Settings, serving:
     admin = os.environ.get(ADMIN_SOCKET_ENV)
     stop_listening = functools.partial(pyvoy.stop_listening, admin) if admin else None
     return await start_asgi_grpc(service, settings, serving, stop_listening)
+
+
+async def _listening(admin: str) -> None:
+    """Until Envoy listens; then, its startup being over, the file pages only starting touched
+    are let go (workers/resident.py)."""
+    await pyvoy.wait_listening(admin)
+    release_file_pages()
 
 
 async def _answers_sent() -> None:
@@ -170,7 +178,7 @@ class Embedded:
             admin = os.environ[ADMIN_SOCKET_ENV]
             app = worker_app(
                 settings, link, config, grpc_server=_grpc_in_envoy,
-                listening=functools.partial(pyvoy.wait_listening, admin),
+                listening=functools.partial(_listening, admin),
             )  # fmt: skip
             await app.__aenter__()
         except Exception as exc:
@@ -201,6 +209,9 @@ class Embedded:
             log.error("%s", exc)
             raise
         self.app = app
+        if admin := os.environ.get(ADMIN_SOCKET_ENV):
+            listening = asyncio.get_running_loop().create_task(_listening(admin))
+            app.defer(functools.partial(cancel_and_wait, listening))
         assert isinstance(app.grpc, AsgiGrpc)
         self.grpc = app.grpc.asgi
         self._certificates = _watch_certificates(settings)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from ratelimit_svc.servers import pyvoy
 from ratelimit_svc.settings.model import Settings
+from ratelimit_svc.workers.resident import release_file_pages
 from ratelimit_svc.workers.supervisor import run_loop, worker_count
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def run(settings: Settings, env: Mapping[str, str]) -> None:
 
         async def supervised() -> None:
             nonlocal code
-            code = await pyvoy.supervise(settings)
+            code = await pyvoy.supervise(settings, started=release_file_pages)
 
         run_loop(supervised())
         if code:

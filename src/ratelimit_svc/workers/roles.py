@@ -13,6 +13,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from ratelimit_svc.app import (
     STOP_GRACE_SECONDS,
@@ -25,15 +26,17 @@ from ratelimit_svc.app import (
 )
 from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.config.snapshot import decode
-from ratelimit_svc.config.source import ConfigSink
 from ratelimit_svc.logsetup import configure_logging
 from ratelimit_svc.servers import pyvoy
-from ratelimit_svc.servers.console.model import process_summary
+from ratelimit_svc.servers.console.summary import process_summary
 from ratelimit_svc.service import RateLimitService
 from ratelimit_svc.settings.model import Settings
 from ratelimit_svc.stats.registry import MemoryStats
 from ratelimit_svc.workers.aggregation import AggregateStats, Report
 from ratelimit_svc.workers.supervisor import Link, WorkerPool, reserve_port, run_loop
+
+if TYPE_CHECKING:
+    from ratelimit_svc.config.source import ConfigSink
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from ratelimit_svc.config.rules import RateLimitConfig
 from ratelimit_svc.errors import SettingsError
 from ratelimit_svc.settings.model import Settings
 from ratelimit_svc.workers.cpu_quota import usable_cpus
+from ratelimit_svc.workers.resident import release_file_pages
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,7 @@ class WorkerPool:
         self._ready.add(index)
         log.info("gRPC worker %d (pid %d) is serving", index, pid)
         if len(self._ready) == self.count:
+            release_file_pages()  # started: what only starting touched (docs/performance.md)
             pids = ", ".join(str(self._processes[i].pid) for i in sorted(self._processes))
             if self.only_workers_serve:
                 log.warning("gRPC workers: %d processes share port %d (Envoy (pyvoy) pids %s)",

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,6 +31,7 @@ from ratelimit_svc.limiter.limiter import Limiter
 from ratelimit_svc.limiter.matching import explain
 from ratelimit_svc.limiter.store import CounterStore
 from ratelimit_svc.pb.envoy.service.ratelimit.v3 import rls_pb2
+from ratelimit_svc.servers.console.summary import process_summary
 from ratelimit_svc.servers.console.traffic import TrafficHistory
 from ratelimit_svc.servers.health import Health
 from ratelimit_svc.service import RequestLimits, check_request_limits, request_from_proto
@@ -87,30 +87,6 @@ def node_json(node: Node) -> dict[str, Any]:
         "share_threshold": node.share_threshold,
         "rule": rule_json(node.rule),
         "children": [node_json(child) for child in children],
-    }
-
-
-def process_summary(
-    store: CounterStore | None, recorder: LatencyRecorder | None, health: Health
-) -> dict[str, Any]:
-    """One process's backend line: health, breaker, latency and errors, pool use."""
-    breaker = None
-    if store is not None and hasattr(store, "breaker_stats"):
-        state = getattr(store, "state", None)
-        breaker = {
-            "state": getattr(state, "value", "closed"),
-            "max_in_flight": getattr(store, "max_in_flight", 0),
-            **store.breaker_stats(),
-        }
-    inner: Any = getattr(store, "inner", store)  # the breaker's inner store has the connections
-    pool = inner.pool_stats() if hasattr(inner, "pool_stats") else {}
-    return {
-        "pid": os.getpid(),
-        "backend_reachable": health.backend_reachable,
-        "healthy": health.healthy,
-        "breaker": breaker,
-        "operations": recorder.summary() if recorder is not None else None,
-        "pool": pool or None,
     }
 
 
