@@ -83,8 +83,11 @@ _TIMESTAMP = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def go_int(text: str) -> int | None:
-    """The integer go-yaml reads from a plain scalar (int64 or uint64 range), or None."""
+    """The integer go-yaml reads from a plain scalar (int64 or uint64 range), or None. Cached:
+    the key check and the loader each ask about every number of a file, and rule files repeat
+    the same few (a miss costs a regular expression, a hit no Python call)."""
     found = _GO_INT.fullmatch(text.replace("_", ""))
     if found is None:
         return None
