@@ -193,7 +193,7 @@ class Loader(_GoResolver, _BaseLoader):  # type: ignore[misc,valid-type]
     lookup), which sees most scalars (keys, names: strings by their first letter) in a few
     operations. Caching whole answers did not pay: a big file's names are all distinct."""
 
-    resolve = staticmethod(_resolve)  # type: ignore[assignment]
+    resolve = staticmethod(_resolve)
 
 
 class Dumper(_GoResolver, yaml.SafeDumper):

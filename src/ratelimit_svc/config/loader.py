@@ -50,7 +50,7 @@ _FLAGS = (
     "value_to_metric", "share_threshold",
 )  # fmt: skip
 _FLAG_SET = frozenset(_FLAGS)
-_NO_FLAGS = [False] * len(_FLAGS)
+_NO_FLAGS = (False,) * len(_FLAGS)
 # A limit's fields besides its unit and number (and replaces, read before them).
 _RARE_LIMIT_KEYS = frozenset({"unlimited", "name", "algorithm", "burst", "unit_multiplier"})
 
@@ -432,7 +432,7 @@ class _Loader:
         key = self.text(get("key"), path, "key")
         value = self.text(get("value"), path, "value")
         flags = (
-            [self.boolean(get(name), path, name) for name in _FLAGS]
+            tuple([self.boolean(get(name), path, name) for name in _FLAGS])
             if not _FLAG_SET.isdisjoint(fields)
             else _NO_FLAGS
         )
