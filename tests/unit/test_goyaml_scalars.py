@@ -163,3 +163,19 @@ def test_the_dumper_quotes_what_the_loader_would_retype() -> None:
 def test_the_c_composer_keeps_line_marks() -> None:
     node = yaml.compose("a: 1\nb:\n  - x\n", Loader=goyaml.Loader)
     assert node.value[1][1].value[0].start_mark.line == 2
+
+
+def test_the_loader_tags_every_plain_scalar_as_resolve_plain_does() -> None:
+    # The composer's resolver skips the go-yaml rules for scalars by their first character
+    # (docs/compatibility.md, "YAML scalars"): every word, number and date must still reach them.
+    texts = [w for w in goyaml._WORDS if w] + [
+        "0o17", "017", "0x1F", "+7", "-3", "1_000", "08", "1e3", ".5", "+.5", "-.5e3", "1.",
+        "2024-01-01", "2024-01-01 10:00:00", "2024-01-01T10:00:00Z", "plain", "client-0001",
+        "x1", "Yess", "nope", "truthy", "~x", "<<x", ".x", "_1", "١٢",
+    ]  # fmt: skip
+    node = yaml.compose("[" + ", ".join(texts) + "]", Loader=goyaml.Loader)
+    assert [item.value for item in node.value] == texts
+    assert [item.tag for item in node.value] == [goyaml.resolve_plain(t) for t in texts]
+    assert {goyaml.BOOL, goyaml.NULL, goyaml.INT, goyaml.FLOAT, goyaml.TIMESTAMP, goyaml.MERGE} < {
+        item.tag for item in node.value
+    }

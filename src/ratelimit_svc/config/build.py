@@ -126,7 +126,8 @@ class Builder:
                 )
             rule = self.build_rule(d, stats_key)
             # ``*`` anywhere in the composite (key or value) makes a wildcard, as in the reference.
-            if d.share_threshold and "*" not in composite:
+            wildcard = "*" in composite
+            if d.share_threshold and not wildcard:
                 raise self.error(
                     "share_threshold can only be used with wildcard values (containing '*'), "
                     f"but found key '{composite}'",
@@ -141,15 +142,18 @@ class Builder:
                 value_to_metric=d.value_to_metric,
                 share_threshold=d.share_threshold,
             )
-            self.add_descriptors(node, stats_key + ".", d.children)
+            if d.children:
+                self.add_descriptors(node, stats_key + ".", d.children)
             parent.children[composite] = node
-            if "*" in composite:
+            if wildcard:
                 parent.wildcards.append((wildcard_pattern(composite), node))
 
     def build_rule(self, d: ParsedDescriptor, stats_key: str) -> Rule | None:
         first = d.rate_limit
         if first is None:
             return None
+        if not d.more_limits and not first.in_list:  # one limit, the reference's form
+            return self.build_limit(d, first, stats_key, "")
         limits = [first, *d.more_limits]
         if d.more_limits or first.in_list:
             for index, limit in enumerate(limits):
@@ -202,8 +206,15 @@ class Builder:
                 raise self.error(
                     "replaces should not contain name of same descriptor", limit.node, path
                 )
-        algorithm = self.algorithm(limit, path)
-        self.check_algorithm_fields(d, limit, algorithm, unit, path)
+        algorithm = self.algorithm(limit, path) if limit.algorithm else Algorithm.FIXED_WINDOW
+        if (
+            limit.unlimited
+            or limit.burst is not None
+            or limit.unit_multiplier is not None
+            or algorithm is not Algorithm.FIXED_WINDOW
+            or self.fixed_windows_only
+        ):  # else none of these checks applies (one unit is never longer than 10 years)
+            self.check_algorithm_fields(d, limit, algorithm, unit, path)
         return Rule(
             requests_per_unit=limit.requests_per_unit,
             unit=unit,

@@ -83,8 +83,11 @@ _TIMESTAMP = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def go_int(text: str) -> int | None:
-    """The integer go-yaml reads from a plain scalar (int64 or uint64 range), or None."""
+    """The integer go-yaml reads from a plain scalar (int64 or uint64 range), or None. Cached:
+    the key check and the loader each ask about every number of a file, and rule files repeat
+    the same few (a miss costs a regular expression, a hit no Python call)."""
     found = _GO_INT.fullmatch(text.replace("_", ""))
     if found is None:
         return None
@@ -165,9 +168,18 @@ class _GoResolver:
         return _resolve(kind, value, implicit)
 
 
+# The first characters of the plain scalars ``resolve_plain`` can read as other than a string
+# (its words, numbers, ``.5``): any other plain scalar is a string without asking it.
+_NOT_ONLY_TEXT = frozenset(word[0] for word in _WORDS if word) | frozenset("0123456789+-.")
+_resolve_plain = functools.lru_cache(maxsize=4096)(resolve_plain)  # files repeat their numbers
+
+
 def _resolve(kind: type[yaml.Node], value: Any, implicit: tuple[bool, bool]) -> str:
+    # The composer asks once per node: most are keys and names, strings by their first letter.
     if kind is yaml.ScalarNode:
-        return resolve_plain(value) if implicit[0] else STR
+        if implicit[0] and (not value or value[0] in _NOT_ONLY_TEXT):
+            return _resolve_plain(value)
+        return STR
     return "tag:yaml.org,2002:seq" if kind is yaml.SequenceNode else "tag:yaml.org,2002:map"
 
 
@@ -177,11 +189,11 @@ _BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoade
 class Loader(_GoResolver, _BaseLoader):  # type: ignore[misc,valid-type]
     """Composes YAML with go-yaml v2's scalar tags (libyaml's parser when present).
 
-    The composer asks once per node (with text, never a list, as the value); rule files repeat
-    the same few keys, units and numbers, so the answers are cached, and a cached answer costs
-    no Python call: the cache is the method itself."""
+    The composer asks once per node; the answer is the module function itself (no method
+    lookup), which sees most scalars (keys, names: strings by their first letter) in a few
+    operations. Caching whole answers did not pay: a big file's names are all distinct."""
 
-    resolve = staticmethod(functools.lru_cache(maxsize=4096)(_resolve))  # type: ignore[assignment]
+    resolve = staticmethod(_resolve)
 
 
 class Dumper(_GoResolver, yaml.SafeDumper):

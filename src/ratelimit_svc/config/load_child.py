@@ -72,7 +72,10 @@ def child_main(
             encoded = encode(config)
         log.info("config load process: %.3fs of CPU", time.process_time() - started)
     header = pickle.dumps((status, error, handler.records), pickle.HIGHEST_PROTOCOL)
-    with sock:
-        sock.sendall(SIZES.pack(len(header), len(encoded)))
-        sock.sendall(header)
-        sock.sendall(encoded)
+    # The parent closes its end as soon as it has read what the sizes announce (it does not
+    # wait for this process to exit), so nothing is sent after the last byte, not even an empty
+    # payload; a parent that is gone (cancelled) needs no answer.
+    with sock, contextlib.suppress(BrokenPipeError):
+        sock.sendall(SIZES.pack(len(header), len(encoded)) + header)
+        if encoded:
+            sock.sendall(encoded)

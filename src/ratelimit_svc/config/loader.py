@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -44,6 +44,15 @@ _UINT32_MAX = 2**32 - 1
 # excessive aliasing. Real configs are a few levels deep and alias little.
 MAX_DEPTH = 100
 _ALIAS_VISITS_ALLOWED = 100_000  # plus 10 per distinct node
+# A descriptor's flags, in the order they are checked.
+_FLAGS = (
+    "charge_only_when_admitted", "shadow_mode", "quota_mode", "detailed_metric",
+    "value_to_metric", "share_threshold",
+)  # fmt: skip
+_FLAG_SET = frozenset(_FLAGS)
+_NO_FLAGS = (False,) * len(_FLAGS)
+# A limit's fields besides its unit and number (and replaces, read before them).
+_RARE_LIMIT_KEYS = frozenset({"unlimited", "name", "algorithm", "burst", "unit_multiplier"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,14 +123,18 @@ def _check_shape(name: str, document: yaml.Node | None, *, anchors: bool = True)
     aliasing, walking with an explicit stack so that the check itself cannot overflow; whether
     any mapping has a merge key (``<<``). Only collections are stacked (a scalar nests nothing),
     and only a collection seen again counts as an alias visit (aliasing a scalar costs no more
-    than writing it out): this walk sees every node of the document, so it is kept lean. With no
-    ``anchors`` in the text there is no alias either, so no node can be seen twice."""
+    than writing it out): this walk sees every node of the document, so it is kept lean (one
+    loop over each collection's items, no lists built). With no ``anchors`` in the text there
+    is no alias either, so no node can be seen twice."""
     stack: list[tuple[yaml.Node, int]] = [(document, 1)] if document is not None else []
+    push, pop = stack.append, stack.pop
+    mapping_node, sequence_node, scalar_node = yaml.MappingNode, yaml.SequenceNode, yaml.ScalarNode
+    merge = goyaml.MERGE
     seen: set[int] = set()
     alias_visits = 0
     merges = False
     while stack:
-        node, depth = stack.pop()
+        node, depth = pop()
         if anchors and id(node) in seen:
             alias_visits += 1
             if alias_visits > _ALIAS_VISITS_ALLOWED + 10 * len(seen):
@@ -130,22 +143,34 @@ def _check_shape(name: str, document: yaml.Node | None, *, anchors: bool = True)
                 )
         elif anchors:
             seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            children = [item for pair in node.value for item in pair]
-            merges = merges or any(key.tag == goyaml.MERGE for key, _ in node.value)
-        elif isinstance(node, yaml.SequenceNode):
-            children = node.value
-        else:
+        items = node.value
+        if not items or isinstance(node, scalar_node):
             continue
-        if children and depth >= MAX_DEPTH:
-            raise ConfigError(
-                f"{name}: error loading config file: nested more than {MAX_DEPTH} deep "
-                f"(or a recursive alias){_where(children[-1], '')}"
-            )
-        stack.extend(
-            (child, depth + 1) for child in children if not isinstance(child, yaml.ScalarNode)
-        )
+        below = depth + 1
+        if isinstance(node, mapping_node):
+            if depth >= MAX_DEPTH:
+                _too_deep(name, items[-1][1])
+            for key, value in items:
+                if key.tag == merge:
+                    merges = True
+                if not isinstance(key, scalar_node):
+                    push((key, below))
+                if not isinstance(value, scalar_node):
+                    push((value, below))
+        elif isinstance(node, sequence_node):
+            if depth >= MAX_DEPTH:
+                _too_deep(name, items[-1])
+            for item in items:
+                if not isinstance(item, scalar_node):
+                    push((item, below))
     return merges
+
+
+def _too_deep(name: str, node: yaml.Node) -> NoReturn:
+    raise ConfigError(
+        f"{name}: error loading config file: nested more than {MAX_DEPTH} deep "
+        f"(or a recursive alias){_where(node, '')}"
+    )
 
 
 def _json_like(value: Any, path: str) -> Any:
@@ -234,6 +259,8 @@ class _Loader:
     # -- step 2: key check over the whole tree --------------------------------------------------
 
     def check_keys(self, node: yaml.MappingNode, path: str) -> None:
+        # Sees every pair of the document: the plain string value (most of them) costs one
+        # compare, and a pair's path is only made for a collection below it or an error.
         for key_node, value_node in node.value:
             if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag == _STR):
                 raise self.error(
@@ -252,9 +279,12 @@ class _Loader:
                     key_node,
                     path,
                 )
-            child_path = f"{path}.{key}" if path else key
             if key == "metadata":
                 continue  # free-form; returned as-is in dynamic metadata
+            tag = value_node.tag
+            if tag == _STR and isinstance(value_node, yaml.ScalarNode):
+                continue
+            child_path = f"{path}.{key}" if path else key
             if isinstance(value_node, yaml.SequenceNode):
                 for index, element in enumerate(value_node.value):
                     if not isinstance(element, yaml.MappingNode):
@@ -267,16 +297,14 @@ class _Loader:
                     self.check_keys(element, f"{child_path}[{index}]")
             elif isinstance(value_node, yaml.MappingNode):
                 self.check_keys(value_node, child_path)
-            elif value_node.tag == _INT and goyaml.go_int(value_node.value) is None:
+            elif tag == _INT and goyaml.go_int(value_node.value) is None:
                 raise self.error(  # an explicit `!!int 0x`
                     f"error loading config file: cannot decode !!str `{value_node.value}` as a "
                     "!!int",
                     value_node,
                     child_path,
                 )
-            elif value_node.tag not in _LEAF_TAGS or (
-                value_node.tag == _INT and not _fits_go_int(value_node)
-            ):
+            elif tag not in _LEAF_TAGS or (tag == _INT and not _fits_go_int(value_node)):
                 raise self.error("error checking config", value_node, child_path)
 
     # -- step 3: types ---------------------------------------------------------------------------
@@ -293,6 +321,8 @@ class _Loader:
         )
 
     def text(self, node: yaml.Node | None, path: str, name: str = "") -> str:
+        if node is not None and node.tag == _STR and isinstance(node, yaml.ScalarNode):
+            return str(node.value)  # the usual case, first
         if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
             return ""
         if not isinstance(node, yaml.ScalarNode):
@@ -373,9 +403,12 @@ class _Loader:
         )
 
     def parse_descriptor(self, node: yaml.Node, path: str) -> ParsedDescriptor:
+        # Runs once per descriptor of a file: a field that is absent costs no call (each would
+        # only return its default), and the checks still run in the order the fields are listed.
         fields = self.mapping(node, path)
+        get = fields.get
         limits: list[ParsedLimit] = []
-        rl_node = fields.get("rate_limit")
+        rl_node = get("rate_limit")
         if rl_node is not None and not _is_null(rl_node):
             rl_path = f"{path}.rate_limit"
             if isinstance(rl_node, yaml.SequenceNode):  # a list of limits (docs/algorithms.md)
@@ -388,54 +421,72 @@ class _Loader:
             else:
                 limits = [self.parse_limit(rl_node, rl_path)]
                 limits[0].path = ""  # a single limit: the reference's place
-        children = [
-            self.parse_descriptor(child, f"{path}.descriptors[{i}]")
-            for i, child in enumerate(self.sequence(fields.get("descriptors"), path, "descriptors"))
-        ]
+        children = (
+            [
+                self.parse_descriptor(child, f"{path}.descriptors[{i}]")
+                for i, child in enumerate(self.sequence(get("descriptors"), path, "descriptors"))
+            ]
+            if "descriptors" in fields
+            else []
+        )
+        key = self.text(get("key"), path, "key")
+        value = self.text(get("value"), path, "value")
+        flags = (
+            tuple([self.boolean(get(name), path, name) for name in _FLAGS])
+            if not _FLAG_SET.isdisjoint(fields)
+            else _NO_FLAGS
+        )
         return ParsedDescriptor(
             node=node,
             path=path,
-            key=self.text(fields.get("key"), path, "key"),
-            value=self.text(fields.get("value"), path, "value"),
+            key=key,
+            value=value,
             rate_limit=limits[0] if limits else None,
             more_limits=limits[1:],
-            charge_only_when_admitted=self.boolean(
-                fields.get("charge_only_when_admitted"), path, "charge_only_when_admitted"
-            ),
-            shadow_mode=self.boolean(fields.get("shadow_mode"), path, "shadow_mode"),
-            quota_mode=self.boolean(fields.get("quota_mode"), path, "quota_mode"),
-            detailed_metric=self.boolean(fields.get("detailed_metric"), path, "detailed_metric"),
-            value_to_metric=self.boolean(fields.get("value_to_metric"), path, "value_to_metric"),
-            share_threshold=self.boolean(fields.get("share_threshold"), path, "share_threshold"),
-            metadata=self.free_form(fields.get("metadata"), path, "metadata"),
+            charge_only_when_admitted=flags[0],
+            shadow_mode=flags[1],
+            quota_mode=flags[2],
+            detailed_metric=flags[3],
+            value_to_metric=flags[4],
+            share_threshold=flags[5],
+            metadata=self.free_form(get("metadata"), path, "metadata")
+            if "metadata" in fields
+            else None,
             children=children,
         )
 
     def parse_limit(self, node: yaml.Node, rl_path: str, *, in_list: bool = False) -> ParsedLimit:
         rl = self.mapping(node, rl_path)
+        get = rl.get
         replaces = []
-        for i, item in enumerate(self.sequence(rl.get("replaces"), rl_path, "replaces")):
-            entry = self.mapping(item, f"{rl_path}.replaces[{i}]")
-            replaces.append(self.text(entry.get("name"), f"{rl_path}.replaces[{i}].name"))
+        if "replaces" in rl:
+            for i, item in enumerate(self.sequence(get("replaces"), rl_path, "replaces")):
+                entry = self.mapping(item, f"{rl_path}.replaces[{i}]")
+                replaces.append(self.text(entry.get("name"), f"{rl_path}.replaces[{i}].name"))
+        unit = self.text(get("unit"), rl_path, "unit")
+        requests_per_unit = self.uint32(get("requests_per_unit"), rl_path, "requests_per_unit")
+        if _RARE_LIMIT_KEYS.isdisjoint(rl):  # the usual limit: a unit and a number
+            return ParsedLimit(
+                node=node, path=rl_path, unit=unit, requests_per_unit=requests_per_unit,
+                unlimited=False, name="", replaces=replaces, in_list=in_list,
+            )  # fmt: skip
         return ParsedLimit(
             node=node,
             path=rl_path,
-            unit=self.text(rl.get("unit"), rl_path, "unit"),
-            requests_per_unit=self.uint32(
-                rl.get("requests_per_unit"), rl_path, "requests_per_unit"
-            ),
-            unlimited=self.boolean(rl.get("unlimited"), rl_path, "unlimited"),
-            name=self.text(rl.get("name"), rl_path, "name"),
+            unit=unit,
+            requests_per_unit=requests_per_unit,
+            unlimited=self.boolean(get("unlimited"), rl_path, "unlimited"),
+            name=self.text(get("name"), rl_path, "name"),
             replaces=replaces,
-            algorithm=self.text(rl.get("algorithm"), rl_path, "algorithm"),
-            algorithm_node=rl.get("algorithm"),
-            burst=self.uint32(rl.get("burst"), rl_path, "burst") if "burst" in rl else None,
-            burst_node=rl.get("burst"),
+            algorithm=self.text(get("algorithm"), rl_path, "algorithm"),
+            algorithm_node=get("algorithm"),
+            burst=self.uint32(get("burst"), rl_path, "burst") if "burst" in rl else None,
+            burst_node=get("burst"),
             unit_multiplier=(
-                self.uint32(rl.get("unit_multiplier"), rl_path, "unit_multiplier")
+                self.uint32(get("unit_multiplier"), rl_path, "unit_multiplier")
                 if "unit_multiplier" in rl
                 else None
             ),
-            multiplier_node=rl.get("unit_multiplier"),
+            multiplier_node=get("unit_multiplier"),
             in_list=in_list,
         )
