@@ -20,12 +20,10 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from importlib.util import find_spec
@@ -34,6 +32,7 @@ from pathlib import Path
 from ratelimit_svc.errors import SettingsError
 from ratelimit_svc.servers.envoy_bootstrap import envoy_argv, envoy_config
 from ratelimit_svc.servers.envoy_log import EnvoyLog
+from ratelimit_svc.servers.rundir import RunDirectory, sweep
 from ratelimit_svc.servers.tls import SdsFiles
 from ratelimit_svc.settings.model import Settings
 
@@ -145,7 +144,7 @@ class EnvoyWorker:
     """A gRPC worker (WORKERS) that is an Envoy running ``WorkerApp`` embedded, linked to the
     primary by ``link``; shaped like the multiprocessing.Process the pool otherwise forks."""
 
-    def __init__(self, process: subprocess.Popen[bytes], workdir: str) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], workdir: RunDirectory) -> None:
         self.process = process
         self.pid = process.pid
         self.sentinel = os.pidfd_open(process.pid)  # readable once it exits
@@ -155,8 +154,15 @@ class EnvoyWorker:
     def spawn(
         cls, settings: Settings, env: dict[str, str], index: int, link: socket.socket
     ) -> EnvoyWorker:
-        workdir = tempfile.mkdtemp(prefix=f"ratelimit-svc-worker-{index}-")
-        secrets = certificate_secrets(settings, workdir)
+        if index == 1:
+            sweep()  # what workers of a killed service left (with TLS, copies of its key)
+        run = RunDirectory(f"worker-{index}")
+        workdir = run.path
+        try:
+            secrets = certificate_secrets(settings, workdir)
+        except BaseException:
+            run.remove()
+            raise
         config = envoy_config(
             settings, os.path.join(workdir, "admin.sock"), shared_port=True, secrets=secrets
         )
@@ -170,14 +176,15 @@ class EnvoyWorker:
         try:
             process = subprocess.Popen(
                 envoy_argv(config, envoy_log), env=child_env,
-                pass_fds=(link.fileno(), envoy_log.write_fd),
+                pass_fds=(link.fileno(), envoy_log.write_fd, run.lock_fd),
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         except BaseException:
             envoy_log.discard()
+            run.remove()
             raise
         envoy_log.start()  # read until Envoy exits
-        return cls(process, workdir)
+        return cls(process, run)
 
     @property
     def exitcode(self) -> int | None:
@@ -190,7 +197,7 @@ class EnvoyWorker:
     def join(self) -> None:
         self.process.wait()
         os.close(self.sentinel)
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        self._workdir.remove()
 
 
 class EnvoyProcess:
@@ -206,7 +213,7 @@ class EnvoyProcess:
 
     @classmethod
     async def start(
-        cls, settings: Settings, workdir: str, secrets: SdsFiles | None
+        cls, settings: Settings, workdir: str, secrets: SdsFiles | None, lock_fd: int
     ) -> EnvoyProcess:
         admin = os.path.join(workdir, "admin.sock")
         with contextlib.suppress(FileNotFoundError):
@@ -219,7 +226,7 @@ class EnvoyProcess:
             process = await asyncio.create_subprocess_exec(
                 *envoy_argv(envoy_config(settings, admin, secrets=secrets), envoy_log),
                 env=env,
-                pass_fds=(theirs.fileno(), envoy_log.write_fd),
+                pass_fds=(theirs.fileno(), envoy_log.write_fd, lock_fd),
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C reaches us, and we drain it
             )  # fmt: skip
@@ -348,14 +355,16 @@ async def supervise(settings: Settings, started: Callable[[], object] | None = N
     if (busy := _port_refused(settings)) is not None:
         log.error("%s", busy)
         return 1
-    with tempfile.TemporaryDirectory(prefix="ratelimit-svc-") as workdir:
+    sweep()  # what a killed service left (with TLS, copies of its key)
+    run = RunDirectory("envoy")
+    with run as workdir:
         try:
             secrets = certificate_secrets(settings, workdir)
         except SettingsError as exc:
             log.error("%s", exc)
             return 1
         for attempt in range(1, START_ATTEMPTS + 1):
-            envoy = await EnvoyProcess.start(settings, workdir, secrets)
+            envoy = await EnvoyProcess.start(settings, workdir, secrets, run.lock_fd)
             try:
                 if stop_requested.is_set():
                     envoy.tell("stop")
