@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ratelimit_svc.config.rules import Node, RateLimitConfig, Rule, Unit
 
@@ -20,9 +21,9 @@ class Override:
     unit: Unit
 
 
-@dataclass(frozen=True, slots=True)
-class Match:
-    """The rule a descriptor matched, its counter key body and its stats key."""
+class Match(NamedTuple):
+    """The rule a descriptor matched, its counter key body and its stats key (a named tuple: one
+    is built per descriptor of every request, four times faster than a frozen dataclass)."""
 
     rule: Rule
     key_body: str  # "<domain>_<k>_<v>_..._" ; the window start is appended by the limiter
@@ -60,6 +61,18 @@ def match(
         key = descriptor_key(domain, entries)
         rule = Rule(override.requests_per_unit, override.unit, stats_key=key)
         return Match(rule, _key_body(domain, entries), key)
+    if len(entries) == 1:
+        # The most common descriptor: one entry with a value, an exact child. Its stats key is
+        # the rule's own (the loop below would find the same).
+        key, value = entries[0]
+        if value:
+            composite = f"{key}_{value}"
+            child = root.children.get(composite)
+            if child is not None:
+                if child.rule is None:
+                    return None
+                if not child.rule.detailed_metric:
+                    return Match(child.rule, f"{domain}_{composite}_", child.rule.stats_key)
 
     # The hot path of every request: one ``k_v`` string per level, built once and reused for the
     # exact lookup, the wildcard test, the counter key and the runtime stats key.
