@@ -142,13 +142,18 @@ class CommandStore:
         return text
 
     async def increment(self, increments: Sequence[Increment]) -> list[int]:
+        if not increments:
+            return []
         commands: list[Command] = []
-        for inc in increments:
-            commands.append(("INCRBY", inc.key, inc.hits))
-            commands.append(("EXPIRE", inc.key, inc.ttl))
-        replies = await self._run(commands)
-        return [self._as_int(reply, command[1]) for reply, command in
-                zip(replies[::2], commands[::2], strict=True)]  # fmt: skip
+        for key, hits, _, ttl in increments:
+            commands += (("INCRBY", key, hits), ("EXPIRE", key, ttl))
+        replies = await self._replies(commands)
+        for reply in replies:
+            if type(reply) is not int:  # an error reply, or not a number: the slow way
+                self._check(replies, commands)
+                return [self._as_int(reply, command[1]) for reply, command in
+                        zip(replies[::2], commands[::2], strict=True)]  # fmt: skip
+        return replies[::2]
 
     async def get(self, keys: Sequence[str]) -> list[int]:
         if not keys:
@@ -227,15 +232,23 @@ class CommandStore:
     async def _run(self, commands: Sequence[Command], *, checked: bool = True) -> list[Any]:
         if not commands:
             return []
-        if self._coalescer is not None:
-            replies = await self._coalescer.submit(commands)
-        else:
-            replies = await self._round_trip(commands)
+        replies = await self._replies(commands)
         if checked:
-            for index, reply in enumerate(replies):
-                if type(reply) is ReplyError:
-                    self._raise_for(reply, commands[index])
+            self._check(replies, commands)
         return replies
+
+    def _replies(self, commands: Sequence[Command]) -> Awaitable[list[Any]]:
+        """The replies to ``commands`` in one round trip (coalesced with other calls' under
+        REDIS_PIPELINE_WINDOW)."""
+        if self._coalescer is not None:
+            return self._coalescer.submit(commands)
+        return self._round_trip(commands)
+
+    def _check(self, replies: Sequence[Any], commands: Sequence[Command]) -> None:
+        """Raise for the first error reply: CounterError about one key, else BackendError."""
+        for index, reply in enumerate(replies):
+            if type(reply) is ReplyError:
+                self._raise_for(reply, commands[index])
 
     def _raise_for(self, reply: ReplyError, command: Command) -> None:
         if is_key_error(reply):
