@@ -15,6 +15,7 @@ from __future__ import annotations
 from ratelimit_svc.config.rules import Unit
 from ratelimit_svc.limiter.limiter import Decision, Request, RequestDescriptor
 from ratelimit_svc.limiter.matching import Override
+from ratelimit_svc.limiter.tuples import builder
 from ratelimit_svc.limiter.windows import Code
 
 _UINT32 = 2**32 - 1
@@ -23,6 +24,8 @@ _INT32 = 2**31 - 1
 _INT64 = 2**63 - 1
 _UNITS = {int(u): u for u in Unit}
 _LIMITS_MAX = 4096  # distinct (limit, unit, name) encodings kept (overrides can be any value)
+_new_request = builder(Request)
+_new_descriptor = builder(RequestDescriptor)
 
 
 class _Unusual(Exception):
@@ -73,7 +76,32 @@ def _request(data: bytes) -> Request:
     while pos < end:
         tag = data[pos]
         if tag == 0x12:  # descriptors (2)
-            start, pos = _length(data, pos + 1, end)
+            size = data[pos + 1]
+            if size < 0x80:
+                start = pos + 2
+                pos = start + size
+                if pos > end:
+                    raise _Unusual
+                # The usual descriptor, read here: one entry, a key and a value, each shorter
+                # than 128 bytes (0A <size - 2> 0A <k> key 12 <v> value).
+                if (
+                    size >= 6
+                    and data[start] == 0x0A
+                    and data[start + 1] == size - 2
+                    and data[start + 2] == 0x0A
+                ):
+                    middle = start + 4 + data[start + 3]
+                    if (
+                        middle + 2 <= pos
+                        and data[middle] == 0x12
+                        and middle + 2 + data[middle + 1] == pos
+                    ):
+                        key = data[start + 4 : middle].decode()
+                        entry = (key, data[middle + 2 : pos].decode())
+                        descriptors.append(_new_descriptor(((entry,), None, None)))
+                        continue
+            else:
+                start, pos = _length(data, pos + 1, end)
             descriptors.append(_descriptor(data, start, pos))
         elif tag == 0x0A:  # domain (1)
             start, pos = _length(data, pos + 1, end)
@@ -84,7 +112,7 @@ def _request(data: bytes) -> Request:
                 raise _Unusual
         else:
             raise _Unusual
-    return Request(domain, tuple(descriptors), hits)
+    return _new_request((domain, tuple(descriptors), hits))
 
 
 def _descriptor(data: bytes, pos: int, end: int) -> RequestDescriptor:
@@ -119,7 +147,7 @@ def _descriptor(data: bytes, pos: int, end: int) -> RequestDescriptor:
             raise _Unusual
     if pos != end:
         raise _Unusual
-    return RequestDescriptor(tuple(entries), override, hits)
+    return _new_descriptor((tuple(entries), override, hits))
 
 
 def _entry(data: bytes, pos: int, end: int) -> tuple[str, str]:
@@ -179,6 +207,16 @@ def _uvarint(value: int) -> bytes:
         return bytes((value & 0x7F | 0x80, value >> 7))
     if value < 0x200000:
         return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14))
+    if value < 0x800000000:  # any uint32 (limits, remaining)
+        if value < 0x10000000:
+            return bytes(
+                (value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14 & 0x7F | 0x80,
+                 value >> 21)
+            )  # fmt: skip
+        return bytes(
+            (value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14 & 0x7F | 0x80,
+             value >> 21 & 0x7F | 0x80, value >> 28)
+        )  # fmt: skip
     out = [value & 0x7F | 0x80]
     value >>= 7
     while value >= 0x80:

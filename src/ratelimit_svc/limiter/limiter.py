@@ -22,6 +22,7 @@ from ratelimit_svc.limiter.localcache import LocalCache
 from ratelimit_svc.limiter.matching import Entry, Match, Override, match
 from ratelimit_svc.limiter.stepped import Stepped, judge, limit_key, make_step
 from ratelimit_svc.limiter.store import CounterStore, Increment
+from ratelimit_svc.limiter.tuples import builder
 from ratelimit_svc.limiter.windows import Code, RuleCounts, decide, near_threshold
 
 __all__ = [
@@ -112,6 +113,10 @@ class LimiterOptions:
 _Counted = tuple[int, Rule, str, int, str, int, int, bool]
 
 
+_status = builder(Status)
+_increment = builder(Increment)
+# Window lengths by unit (Unit.seconds is a property: a call per descriptor).
+_SECONDS = {unit: unit.seconds for unit in Unit}
 _OK = Status(Code.OK)
 _UNLIMITED = Status(Code.OK, remaining=MAX_UINT32)
 _NEAR_CACHE_MAX = 4096  # distinct limits remembered (overrides from requests can be any value)
@@ -173,7 +178,7 @@ class Limiter:
                     stepped = []
                 stepped.append((index, found, hits))
                 continue
-            window = rule.unit.seconds
+            window = _SECONDS[rule.unit]
             into = now % window
             key = f"{prefix}{found.key_body}{now - into}"
             quota = quota_mode or rule.quota_mode
@@ -204,7 +209,7 @@ class Limiter:
                 # The usual answer, below the near-limit threshold: ``decide``'s within-limit
                 # case without building its stat deltas.
                 stats.add_within(stats_key, hits)
-                statuses[index] = Status(Code.OK, rule, limit - after, reset)
+                statuses[index] = _status((Code.OK, rule, limit - after, reset))
                 continue
             code, remaining, counts = decide(
                 limit, hits, after, near, shadow=rule.shadow_mode, cached=is_cached
@@ -219,7 +224,7 @@ class Limiter:
                 )  # fmt: skip
             if code is Code.OVER_LIMIT:
                 over = True
-            statuses[index] = Status(code, rule, remaining, reset)
+            statuses[index] = _status((code, rule, remaining, reset))
 
         judged = self._judge_steps(items, statuses, int(clock_now * US)) if items else []
         headers: tuple[tuple[str, str], ...] = ()
@@ -371,12 +376,12 @@ class Limiter:
         if jitter_max > 0:
             jitter = self.jitter
             increments = [
-                Increment(item[4], n, item[5], item[5] + jitter(jitter_max))
+                _increment((item[4], n, item[5], item[5] + jitter(jitter_max)))
                 for item, n in zip(pending, hits, strict=True)
             ]
         else:
             increments = [
-                Increment(item[4], n, item[5], item[5])
+                _increment((item[4], n, item[5], item[5]))
                 for item, n in zip(pending, hits, strict=True)
             ]
         values = await self.store.increment(increments)
