@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import IntEnum
@@ -211,40 +211,37 @@ class RateLimitService:
         self.tracer = tracer
         self._encoder = ResponseEncoder()
 
-    async def should_rate_limit(
-        self, request: Request, deadline: float | None = None
-    ) -> Decision:
-        """Decide, mapping failures to our errors; the service's one entry point for all ports."""
+    async def should_rate_limit(self, request: Request) -> Decision:
+        """Decide, counting the call and its failure by kind: the HTTP port's entry point (the
+        gRPC ports come through ``handle``, which counts the same)."""
         self.stats.add(STAT_TOTAL_REQUESTS)
         try:
             check_request_limits(request, self.limits)
-            if deadline is None:  # no timer to arm (HTTP /json, gRPC callers without a deadline)
-                return await self.limiter.should_rate_limit(self.config(), request)
-            async with asyncio.timeout(deadline):
-                return await self.limiter.should_rate_limit(self.config(), request)
-        except (RequestError, NoConfigError):
-            self.stats.add(STAT_SERVICE_ERROR)
+            return await self.limiter.should_rate_limit(self.config(), request)
+        except BaseException as exc:
+            self._count_failure(exc)
             raise
-        except BackendError:
-            self.stats.add(STAT_BACKEND_ERROR)
-            raise
-        except CounterError:
-            self.stats.add(STAT_COUNTER_ERROR)
-            raise
-        except TimeoutError:
-            self.stats.add(STAT_BACKEND_ERROR)
-            raise BackendError("deadline exceeded while waiting for the backend") from None
 
-    async def handle(
+    def _count_failure(self, exc: BaseException) -> None:
+        if isinstance(exc, RequestError | NoConfigError):
+            self.stats.add(STAT_SERVICE_ERROR)
+        elif isinstance(exc, BackendError):
+            self.stats.add(STAT_BACKEND_ERROR)
+        elif isinstance(exc, CounterError):
+            self.stats.add(STAT_COUNTER_ERROR)
+
+    def handle(
         self,
         data: bytes,
         time_left: float | None = None,
         metadata: Callable[[], Sequence[tuple[str, str | bytes]]] | None = None,
-    ) -> bytes:
+    ) -> Awaitable[bytes]:
         """One ShouldRateLimit call in wire terms, whichever server carries it: the request's bytes
         in, the response's bytes out, or ``RpcError`` with the gRPC status to answer. ``time_left``
         is the caller's deadline (seconds left) when the server does not enforce it itself;
-        ``metadata`` gives the call's headers (read only when tracing, for the caller's trace)."""
+        ``metadata`` gives the call's headers (read only when tracing, for the caller's trace).
+        Without tracing the awaitable is ``_decide``'s coroutine itself (one coroutine less per
+        call); a malformed request raises here."""
         request = decode_request(data)
         if request is None:  # not one the fast path reads: the generated code (rls_wire.py)
             message = parse_request(data)
@@ -256,9 +253,18 @@ class RateLimitService:
                 )
             request = request_from_proto(message)
         if self.tracer is None:
-            return await self._decide(request, time_left)
+            return self._decide(request, time_left)
+        return self._traced(self.tracer, request, time_left, metadata)
+
+    async def _traced(
+        self,
+        tracer: CallTracer,
+        request: Request,
+        time_left: float | None,
+        metadata: Callable[[], Sequence[tuple[str, str | bytes]]] | None,
+    ) -> bytes:
         headers = metadata() if metadata is not None else ()
-        with self.tracer.server_span(SHOULD_RATE_LIMIT, headers, request.domain) as outcome:
+        with tracer.server_span(SHOULD_RATE_LIMIT, headers, request.domain) as outcome:
             try:
                 response = await self._decide(request, time_left)
             except RpcError as exc:
@@ -268,13 +274,21 @@ class RateLimitService:
             return response
 
     async def _decide(self, request: Request, time_left: float | None) -> bytes:
+        """``should_rate_limit`` (written out here: a coroutine less per call) and the response's
+        bytes, its failures as gRPC statuses."""
         started = _perf_counter()
+        self.stats.add(STAT_TOTAL_REQUESTS)
         try:
-            if time_left is None:
-                decision = await self.should_rate_limit(request)
-            else:
-                async with asyncio.timeout(time_left):
-                    decision = await self.should_rate_limit(request)
+            try:
+                check_request_limits(request, self.limits)
+                if time_left is None:
+                    decision = await self.limiter.should_rate_limit(self.config(), request)
+                else:
+                    async with asyncio.timeout(time_left):
+                        decision = await self.limiter.should_rate_limit(self.config(), request)
+            except BaseException as exc:
+                self._count_failure(exc)
+                raise
         except RequestError as exc:
             raise RpcError(Status.INVALID_ARGUMENT, str(exc)) from None
         except (BackendError, NoConfigError) as exc:

@@ -190,6 +190,10 @@ class Limiter:
         if stepped is not None:
             items = self._steps(stepped, counted, now, clock_now)
             afters, cached = await self._settle(items, counted, now, int(clock_now * US))
+        elif self.local_cache is None and not options.stop_cache_key_increment_when_overlimit:
+            if counted:  # the usual request: only increments (no coroutine of _count's)
+                increments = self._increments(counted, [item[3] for item in counted])
+                afters = _one_each(await self.store.increment(increments), counted)
         elif counted:
             afters, cached = await self._count(counted, now)
 
@@ -372,25 +376,23 @@ class Limiter:
                 ]
                 if any(would_pass):
                     hits = [n if over else 0 for n, over in zip(hits, would_pass, strict=True)]
-        jitter_max = self.options.expiration_jitter_max_seconds
-        if jitter_max > 0:
-            jitter = self.jitter
-            increments = [
-                _increment((item[4], n, item[5], item[5] + jitter(jitter_max)))
-                for item, n in zip(pending, hits, strict=True)
-            ]
-        else:
-            increments = [
-                _increment((item[4], n, item[5], item[5]))
-                for item, n in zip(pending, hits, strict=True)
-            ]
-        values = await self.store.increment(increments)
-        if len(values) != len(pending):
-            raise ValueError(f"the store answered {len(values)} counts for {len(pending)} keys")
+        values = _one_each(await self.store.increment(self._increments(pending, hits)), pending)
         if pending is counted:
             return values, cached
         answered = iter(values)
         return [0 if hit else next(answered) for hit in cached or ()], cached
+
+    def _increments(self, counted: list[_Counted], hits: list[int]) -> list[Increment]:
+        """``hits`` to each counted descriptor's key, its TTL with the expiration jitter."""
+        jitter_max = self.options.expiration_jitter_max_seconds
+        if jitter_max > 0:
+            jitter = self.jitter
+            return [
+                _increment((item[4], n, item[5], item[5] + jitter(jitter_max)))
+                for item, n in zip(counted, hits, strict=True)
+            ]
+        pairs = zip(counted, hits, strict=True)
+        return [_increment((item[4], n, item[5], item[5])) for item, n in pairs]
 
     def _steps(
         self,
@@ -555,6 +557,13 @@ class Limiter:
         if merged:
             result["metadata"] = merged
         return result
+
+
+def _one_each(values: list[int], counted: list[_Counted]) -> list[int]:
+    """``values`` if the store answered one count per key (else a bug: ValueError)."""
+    if len(values) != len(counted):
+        raise ValueError(f"the store answered {len(values)} counts for {len(counted)} keys")
+    return values
 
 
 def _more_restrictive(status: Status, than: Status) -> bool:
