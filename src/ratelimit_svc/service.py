@@ -7,7 +7,10 @@ FAILED_PRECONDITION (docs/backends.md (Error classes)), anything unexpected INTE
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
@@ -163,6 +166,87 @@ def response_to_proto(decision: Decision) -> rls_pb2.RateLimitResponse:
     return response
 
 
+class Deadline:
+    """One call's deadline in ``Deadlines``."""
+
+    __slots__ = ("cancelling", "done", "expired", "task", "when")
+
+    def __init__(self, when: float, task: asyncio.Task[object], cancelling: int) -> None:
+        self.when = when
+        self.task = task
+        self.cancelling = cancelling  # the task's cancel requests before this deadline
+        self.expired = False
+        self.done = False
+
+
+class Deadlines:
+    """The callers' deadlines (``grpc-timeout``) of the calls in flight under one loop timer: a
+    call whose deadline passes has its task cancelled and sees TimeoutError, as under
+    ``asyncio.timeout``, without a timer and a context manager per call (Envoy sends a deadline
+    with every request; docs/performance.md (What the hot path avoids))."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._order = itertools.count()  # ties in time: first in, first out
+        self._finished = 0  # calls finished before their deadline, still in the heap
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    def __len__(self) -> int:
+        return len(self._heap) - self._finished
+
+    def start(self, seconds: float) -> Deadline:
+        """The current task's deadline, ``seconds`` from now."""
+        loop = self._loop
+        if loop is None:
+            # Once: asyncio.get_running_loop() makes a getpid() system call on Python 3.11.
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        assert task is not None
+        deadline = Deadline(loop.time() + seconds, task, task.cancelling())
+        heapq.heappush(self._heap, (deadline.when, next(self._order), deadline))
+        if deadline.when < self._timer_at:
+            self._arm(deadline.when)
+        return deadline
+
+    def finish(self, deadline: Deadline) -> bool:
+        """The call is over; True if its deadline had passed (its cancel request withdrawn)."""
+        deadline.done = True
+        if deadline.expired:
+            return deadline.task.uncancel() <= deadline.cancelling
+        self._finished += 1
+        heap = self._heap
+        if self._finished > 64 and self._finished * 2 > len(heap):
+            # Mostly calls that finished in time: drop them (their deadlines may be far away).
+            self._heap = [entry for entry in heap if not entry[2].done]
+            heapq.heapify(self._heap)
+            self._finished = 0
+        return False
+
+    def _arm(self, when: float) -> None:
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._expire)
+        self._timer_at = when
+
+    def _expire(self) -> None:
+        assert self._loop is not None
+        self._timer, self._timer_at = None, math.inf
+        now = self._loop.time()
+        heap = self._heap
+        while heap and (heap[0][0] <= now or heap[0][2].done):
+            _, _, deadline = heapq.heappop(heap)
+            if deadline.done:
+                self._finished -= 1
+            else:
+                deadline.expired = True
+                deadline.task.cancel()
+        if heap:
+            self._arm(heap[0][0])
+
+
 class Status(IntEnum):
     """The gRPC status codes this service answers with (numbers from the gRPC protocol)."""
 
@@ -210,6 +294,7 @@ class RateLimitService:
         self.limits = limits
         self.tracer = tracer
         self._encoder = ResponseEncoder()
+        self._deadlines = Deadlines()
 
     async def should_rate_limit(self, request: Request) -> Decision:
         """Decide, counting the call and its failure by kind: the HTTP port's entry point (the
@@ -284,8 +369,17 @@ class RateLimitService:
                 if time_left is None:
                     decision = await self.limiter.should_rate_limit(self.config(), request)
                 else:
-                    async with asyncio.timeout(time_left):
+                    deadline = self._deadlines.start(time_left)
+                    try:
                         decision = await self.limiter.should_rate_limit(self.config(), request)
+                    except asyncio.CancelledError:
+                        if self._deadlines.finish(deadline):
+                            raise TimeoutError from None
+                        raise
+                    except BaseException:
+                        self._deadlines.finish(deadline)
+                        raise
+                    self._deadlines.finish(deadline)
             except BaseException as exc:
                 self._count_failure(exc)
                 raise

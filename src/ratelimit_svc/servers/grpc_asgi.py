@@ -56,6 +56,7 @@ _OK_TRAILERS = {
     "more_trailers": False,
 }
 _ACCEPT_ENCODING = (b"grpc-accept-encoding", b"identity,gzip")
+_TIMEOUTS_KEPT = 64
 # Bytes of grpc-message sent as they are (the protocol's rule: printable ASCII except '%').
 _PLAIN = frozenset(range(0x20, 0x7F)) - {ord("%")}
 
@@ -183,6 +184,8 @@ class GrpcAsgiApp:
         self.in_flight = 0
         self.closing = False  # stopping: new calls are refused (UNAVAILABLE), never started
         self._idle: asyncio.Future[None] | None = None
+        # grpc-timeout values seen, parsed (Envoy sends the same one with every request)
+        self._timeouts: dict[bytes, float] = {}
 
     async def wait_idle(self) -> None:
         """Until no call is in flight."""
@@ -240,7 +243,11 @@ class GrpcAsgiApp:
                 return
             path: str = scope["path"]
             try:
-                time_left = parse_grpc_timeout(timeout) if timeout is not None else None
+                time_left = None
+                if timeout is not None:
+                    time_left = self._timeouts.get(timeout)
+                    if time_left is None:
+                        time_left = self._timeout(timeout)
                 if path == HEALTH_WATCH:
                     watched = await self._read_one(await receive(), receive, encoding)
                     await self._watch(watched, receive, send)
@@ -273,6 +280,13 @@ class GrpcAsgiApp:
             self.in_flight -= 1
             if not self.in_flight and self._idle is not None and not self._idle.done():
                 self._idle.set_result(None)
+
+    def _timeout(self, value: bytes) -> float:
+        seconds = parse_grpc_timeout(value)
+        if len(self._timeouts) >= _TIMEOUTS_KEPT:
+            self._timeouts.clear()
+        self._timeouts[value] = seconds
+        return seconds
 
     def _whole(self, event: Message) -> bytes | None:
         """The usual request body: one event holding one whole uncompressed message within the
