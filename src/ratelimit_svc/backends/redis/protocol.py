@@ -68,7 +68,7 @@ _NUMBERS = [b"$%d\r\n%d\r\n" % (len(str(n)), n) for n in range(4096)]
 
 
 def _number(n: int) -> bytes:
-    return _NUMBERS[n] if 0 <= n < 4096 else b"$%d\r\n%d\r\n" % (len(str(n)), n)
+    return b"$%d\r\n%d\r\n" % (len(str(n)), n)
 
 
 def increment_commands(increments: Sequence[tuple[str, int, int, int]]) -> list[Command]:
@@ -87,8 +87,10 @@ def pack_increments(increments: Sequence[tuple[str, int, int, int]]) -> bytes:
         encoded = key.encode()
         name = b"$%d\r\n%b\r\n" % (len(encoded), encoded)
         out += (
-            b"*3\r\n$6\r\nINCRBY\r\n", name, _number(hits),
-            b"*3\r\n$6\r\nEXPIRE\r\n", name, _number(ttl),
+            b"*3\r\n$6\r\nINCRBY\r\n", name,
+            _NUMBERS[hits] if 0 <= hits < 4096 else _number(hits),
+            b"*3\r\n$6\r\nEXPIRE\r\n", name,
+            _NUMBERS[ttl] if 0 <= ttl < 4096 else _number(ttl),
         )  # fmt: skip
     return b"".join(out)
 
