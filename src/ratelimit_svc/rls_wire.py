@@ -15,6 +15,7 @@ from __future__ import annotations
 from ratelimit_svc.config.rules import Unit
 from ratelimit_svc.limiter.limiter import Decision, Request, RequestDescriptor
 from ratelimit_svc.limiter.matching import Override
+from ratelimit_svc.limiter.tuples import builder
 from ratelimit_svc.limiter.windows import Code
 
 _UINT32 = 2**32 - 1
@@ -23,6 +24,8 @@ _INT32 = 2**31 - 1
 _INT64 = 2**63 - 1
 _UNITS = {int(u): u for u in Unit}
 _LIMITS_MAX = 4096  # distinct (limit, unit, name) encodings kept (overrides can be any value)
+_new_request = builder(Request)
+_new_descriptor = builder(RequestDescriptor)
 
 
 class _Unusual(Exception):
@@ -73,7 +76,32 @@ def _request(data: bytes) -> Request:
     while pos < end:
         tag = data[pos]
         if tag == 0x12:  # descriptors (2)
-            start, pos = _length(data, pos + 1, end)
+            size = data[pos + 1]
+            if size < 0x80:
+                start = pos + 2
+                pos = start + size
+                if pos > end:
+                    raise _Unusual
+                # The usual descriptor, read here: one entry, a key and a value, each shorter
+                # than 128 bytes (0A <size - 2> 0A <k> key 12 <v> value).
+                if (
+                    size >= 6
+                    and data[start] == 0x0A
+                    and data[start + 1] == size - 2
+                    and data[start + 2] == 0x0A
+                ):
+                    middle = start + 4 + data[start + 3]
+                    if (
+                        middle + 2 <= pos
+                        and data[middle] == 0x12
+                        and middle + 2 + data[middle + 1] == pos
+                    ):
+                        key = data[start + 4 : middle].decode()
+                        entry = (key, data[middle + 2 : pos].decode())
+                        descriptors.append(_new_descriptor(((entry,), None, None)))
+                        continue
+            else:
+                start, pos = _length(data, pos + 1, end)
             descriptors.append(_descriptor(data, start, pos))
         elif tag == 0x0A:  # domain (1)
             start, pos = _length(data, pos + 1, end)
@@ -84,7 +112,7 @@ def _request(data: bytes) -> Request:
                 raise _Unusual
         else:
             raise _Unusual
-    return Request(domain, tuple(descriptors), hits)
+    return _new_request((domain, tuple(descriptors), hits))
 
 
 def _descriptor(data: bytes, pos: int, end: int) -> RequestDescriptor:
@@ -94,7 +122,14 @@ def _descriptor(data: bytes, pos: int, end: int) -> RequestDescriptor:
     while pos < end:
         tag = data[pos]
         if tag == 0x0A:  # entries (1)
-            start, pos = _length(data, pos + 1, end)
+            size = data[pos + 1]
+            if size < 0x80:  # a one-byte length: the usual entry
+                start = pos + 2
+                pos = start + size
+                if pos > end:
+                    raise _Unusual
+            else:
+                start, pos = _length(data, pos + 1, end)
             entries.append(_entry(data, start, pos))
         elif tag == 0x12 and override is None:  # limit (2)
             start, pos = _length(data, pos + 1, end)
@@ -112,10 +147,20 @@ def _descriptor(data: bytes, pos: int, end: int) -> RequestDescriptor:
             raise _Unusual
     if pos != end:
         raise _Unusual
-    return RequestDescriptor(tuple(entries), override, hits)
+    return _new_descriptor((tuple(entries), override, hits))
 
 
 def _entry(data: bytes, pos: int, end: int) -> tuple[str, str]:
+    # The usual entry: a key then a value, each shorter than 128 bytes, read without the loop.
+    if end - pos >= 4 and data[pos] == 0x0A and (size := data[pos + 1]) < 0x80:
+        middle = pos + 2 + size
+        if (
+            middle + 2 <= end
+            and data[middle] == 0x12
+            and (value_size := data[middle + 1]) < 0x80
+            and middle + 2 + value_size == end
+        ):
+            return data[pos + 2 : middle].decode(), data[middle + 2 : end].decode()
     key = value = ""
     while pos < end:
         tag = data[pos]
@@ -151,7 +196,8 @@ def _override(data: bytes, pos: int, end: int) -> Override:
 
 _BYTES = [bytes((n,)) for n in range(0x80)]
 _CODE = {Code.UNKNOWN: b"", Code.OK: b"\x08\x01", Code.OVER_LIMIT: b"\x08\x02"}
-_NO_RESET = b"\x22\x00"  # duration_until_reset (4) present and zero
+# duration_until_reset (4) of 0 to 127 seconds, whole: present even when zero
+_RESETS = [b"\x22\x00"] + [b"\x22\x02\x08" + _BYTES[n] for n in range(1, 0x80)]
 
 
 def _uvarint(value: int) -> bytes:
@@ -159,6 +205,18 @@ def _uvarint(value: int) -> bytes:
         return _BYTES[value]
     if value < 0x4000:
         return bytes((value & 0x7F | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14))
+    if value < 0x800000000:  # any uint32 (limits, remaining)
+        if value < 0x10000000:
+            return bytes(
+                (value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14 & 0x7F | 0x80,
+                 value >> 21)
+            )  # fmt: skip
+        return bytes(
+            (value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14 & 0x7F | 0x80,
+             value >> 21 & 0x7F | 0x80, value >> 28)
+        )  # fmt: skip
     out = [value & 0x7F | 0x80]
     value >>= 7
     while value >= 0x80:
@@ -184,16 +242,13 @@ class ResponseEncoder:
         """The RateLimitResponse of ``decision`` as the generated code serializes it, or None
         when the fast path does not write it (response headers, dynamic metadata, a value out
         of its field's range)."""
-        if decision.headers or decision.dynamic_metadata is not None:
+        overall, statuses, headers, metadata = decision
+        if headers or metadata is not None:
             return None
-        out = [_CODE[decision.overall]]
+        out = [_CODE[overall]]
         limits = self._limits
-        for status in decision.statuses:
-            remaining = status.remaining
-            if not 0 <= remaining <= _UINT32:
-                return None
-            body = _CODE[status.code]
-            rule = status.rule
+        for code, rule, remaining, reset in statuses:
+            body = _CODE[code]
             if rule is not None:
                 key = (rule.requests_per_unit, rule.unit, rule.name)
                 limit = limits.get(key)
@@ -203,16 +258,18 @@ class ResponseEncoder:
                         return None
                 body += limit
             if remaining:
+                if not 0 < remaining <= _UINT32:
+                    return None
                 body += b"\x18" + _uvarint(remaining)
             if rule is not None:
-                reset = status.reset_seconds
-                if reset == 0:
-                    body += _NO_RESET
+                if 0 <= reset < 0x80:
+                    body += _RESETS[reset]
                 elif 0 < reset <= _INT64:
                     body += _field(b"\x22", b"\x08" + _uvarint(reset))
                 else:
                     return None
-            out.append(_field(b"\x12", body))
+            size = len(body)
+            out.append(b"\x12" + _BYTES[size] + body if size < 0x80 else _field(b"\x12", body))
         return b"".join(out)
 
     def _limit(self, key: tuple[int, int, str]) -> bytes | None:

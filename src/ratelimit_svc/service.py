@@ -7,9 +7,12 @@ FAILED_PRECONDITION (docs/backends.md (Error classes)), anything unexpected INTE
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import IntEnum
@@ -163,6 +166,87 @@ def response_to_proto(decision: Decision) -> rls_pb2.RateLimitResponse:
     return response
 
 
+class Deadline:
+    """One call's deadline in ``Deadlines``."""
+
+    __slots__ = ("cancelling", "done", "expired", "task", "when")
+
+    def __init__(self, when: float, task: asyncio.Task[object], cancelling: int) -> None:
+        self.when = when
+        self.task = task
+        self.cancelling = cancelling  # the task's cancel requests before this deadline
+        self.expired = False
+        self.done = False
+
+
+class Deadlines:
+    """The callers' deadlines (``grpc-timeout``) of the calls in flight under one loop timer: a
+    call whose deadline passes has its task cancelled and sees TimeoutError, as under
+    ``asyncio.timeout``, without a timer and a context manager per call (Envoy sends a deadline
+    with every request; docs/performance.md (What the hot path avoids))."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._order = itertools.count()  # ties in time: first in, first out
+        self._finished = 0  # calls finished before their deadline, still in the heap
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    def __len__(self) -> int:
+        return len(self._heap) - self._finished
+
+    def start(self, seconds: float) -> Deadline:
+        """The current task's deadline, ``seconds`` from now."""
+        loop = self._loop
+        if loop is None:
+            # Once: asyncio.get_running_loop() makes a getpid() system call on Python 3.11.
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        assert task is not None
+        deadline = Deadline(loop.time() + seconds, task, task.cancelling())
+        heapq.heappush(self._heap, (deadline.when, next(self._order), deadline))
+        if deadline.when < self._timer_at:
+            self._arm(deadline.when)
+        return deadline
+
+    def finish(self, deadline: Deadline) -> bool:
+        """The call is over; True if its deadline had passed (its cancel request withdrawn)."""
+        deadline.done = True
+        if deadline.expired:
+            return deadline.task.uncancel() <= deadline.cancelling
+        self._finished += 1
+        heap = self._heap
+        if self._finished > 64 and self._finished * 2 > len(heap):
+            # Mostly calls that finished in time: drop them (their deadlines may be far away).
+            self._heap = [entry for entry in heap if not entry[2].done]
+            heapq.heapify(self._heap)
+            self._finished = 0
+        return False
+
+    def _arm(self, when: float) -> None:
+        assert self._loop is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._expire)
+        self._timer_at = when
+
+    def _expire(self) -> None:
+        assert self._loop is not None
+        self._timer, self._timer_at = None, math.inf
+        now = self._loop.time()
+        heap = self._heap
+        while heap and (heap[0][0] <= now or heap[0][2].done):
+            _, _, deadline = heapq.heappop(heap)
+            if deadline.done:
+                self._finished -= 1
+            else:
+                deadline.expired = True
+                deadline.task.cancel()
+        if heap:
+            self._arm(heap[0][0])
+
+
 class Status(IntEnum):
     """The gRPC status codes this service answers with (numbers from the gRPC protocol)."""
 
@@ -210,41 +294,39 @@ class RateLimitService:
         self.limits = limits
         self.tracer = tracer
         self._encoder = ResponseEncoder()
+        self._deadlines = Deadlines()
 
-    async def should_rate_limit(
-        self, request: Request, deadline: float | None = None
-    ) -> Decision:
-        """Decide, mapping failures to our errors; the service's one entry point for all ports."""
+    async def should_rate_limit(self, request: Request) -> Decision:
+        """Decide, counting the call and its failure by kind: the HTTP port's entry point (the
+        gRPC ports come through ``handle``, which counts the same)."""
         self.stats.add(STAT_TOTAL_REQUESTS)
         try:
             check_request_limits(request, self.limits)
-            if deadline is None:  # no timer to arm (HTTP /json, gRPC callers without a deadline)
-                return await self.limiter.should_rate_limit(self.config(), request)
-            async with asyncio.timeout(deadline):
-                return await self.limiter.should_rate_limit(self.config(), request)
-        except (RequestError, NoConfigError):
-            self.stats.add(STAT_SERVICE_ERROR)
+            return await self.limiter.should_rate_limit(self.config(), request)
+        except BaseException as exc:
+            self._count_failure(exc)
             raise
-        except BackendError:
-            self.stats.add(STAT_BACKEND_ERROR)
-            raise
-        except CounterError:
-            self.stats.add(STAT_COUNTER_ERROR)
-            raise
-        except TimeoutError:
-            self.stats.add(STAT_BACKEND_ERROR)
-            raise BackendError("deadline exceeded while waiting for the backend") from None
 
-    async def handle(
+    def _count_failure(self, exc: BaseException) -> None:
+        if isinstance(exc, RequestError | NoConfigError):
+            self.stats.add(STAT_SERVICE_ERROR)
+        elif isinstance(exc, BackendError):
+            self.stats.add(STAT_BACKEND_ERROR)
+        elif isinstance(exc, CounterError):
+            self.stats.add(STAT_COUNTER_ERROR)
+
+    def handle(
         self,
         data: bytes,
         time_left: float | None = None,
         metadata: Callable[[], Sequence[tuple[str, str | bytes]]] | None = None,
-    ) -> bytes:
+    ) -> Awaitable[bytes]:
         """One ShouldRateLimit call in wire terms, whichever server carries it: the request's bytes
         in, the response's bytes out, or ``RpcError`` with the gRPC status to answer. ``time_left``
         is the caller's deadline (seconds left) when the server does not enforce it itself;
-        ``metadata`` gives the call's headers (read only when tracing, for the caller's trace)."""
+        ``metadata`` gives the call's headers (read only when tracing, for the caller's trace).
+        Without tracing the awaitable is ``_decide``'s coroutine itself (one coroutine less per
+        call); a malformed request raises here."""
         request = decode_request(data)
         if request is None:  # not one the fast path reads: the generated code (rls_wire.py)
             message = parse_request(data)
@@ -256,9 +338,18 @@ class RateLimitService:
                 )
             request = request_from_proto(message)
         if self.tracer is None:
-            return await self._decide(request, time_left)
+            return self._decide(request, time_left)
+        return self._traced(self.tracer, request, time_left, metadata)
+
+    async def _traced(
+        self,
+        tracer: CallTracer,
+        request: Request,
+        time_left: float | None,
+        metadata: Callable[[], Sequence[tuple[str, str | bytes]]] | None,
+    ) -> bytes:
         headers = metadata() if metadata is not None else ()
-        with self.tracer.server_span(SHOULD_RATE_LIMIT, headers, request.domain) as outcome:
+        with tracer.server_span(SHOULD_RATE_LIMIT, headers, request.domain) as outcome:
             try:
                 response = await self._decide(request, time_left)
             except RpcError as exc:
@@ -268,13 +359,30 @@ class RateLimitService:
             return response
 
     async def _decide(self, request: Request, time_left: float | None) -> bytes:
+        """``should_rate_limit`` (written out here: a coroutine less per call) and the response's
+        bytes, its failures as gRPC statuses."""
         started = _perf_counter()
+        self.stats.add(STAT_TOTAL_REQUESTS)
         try:
-            if time_left is None:
-                decision = await self.should_rate_limit(request)
-            else:
-                async with asyncio.timeout(time_left):
-                    decision = await self.should_rate_limit(request)
+            try:
+                check_request_limits(request, self.limits)
+                if time_left is None:
+                    decision = await self.limiter.should_rate_limit(self.config(), request)
+                else:
+                    deadline = self._deadlines.start(time_left)
+                    try:
+                        decision = await self.limiter.should_rate_limit(self.config(), request)
+                    except asyncio.CancelledError:
+                        if self._deadlines.finish(deadline):
+                            raise TimeoutError from None
+                        raise
+                    except BaseException:
+                        self._deadlines.finish(deadline)
+                        raise
+                    self._deadlines.finish(deadline)
+            except BaseException as exc:
+                self._count_failure(exc)
+                raise
         except RequestError as exc:
             raise RpcError(Status.INVALID_ARGUMENT, str(exc)) from None
         except (BackendError, NoConfigError) as exc:

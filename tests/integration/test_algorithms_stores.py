@@ -7,7 +7,6 @@ counters unchanged, whether or not their keys share a server or a slot."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 from collections.abc import AsyncIterator
 from typing import Any
@@ -159,7 +158,7 @@ def test_redis_answers_as_memory_for_any_arrival_pattern(
         out = []
         for gap, hits in pattern:
             clock.advance(gap)
-            decision = await lim.should_rate_limit(config, dataclasses.replace(request, hits_addend=hits))
+            decision = await lim.should_rate_limit(config, request._replace(hits_addend=hits))
             out.append(
                 (decision.overall, tuple((s.code, s.remaining, s.reset_seconds) for s in decision.statuses))
             )

@@ -21,7 +21,7 @@ from ratelimit_svc.limiter.limiter import (
 )
 from ratelimit_svc.limiter.matching import Override
 from ratelimit_svc.limiter.store import Increment
-from ratelimit_svc.limiter.windows import Code, decide, near_threshold
+from ratelimit_svc.limiter.windows import Code, RuleCounts, decide, near_threshold
 from ratelimit_svc.stats.registry import MemoryStats
 
 RULES = """
@@ -328,6 +328,27 @@ def test_decide(limit, hits, after, shadow, cached, code, remaining, counts) -> 
     got_code, got_remaining, got = decide(limit, hits, after, near, shadow=shadow, cached=cached)
     assert (got_code, got_remaining) == (code, remaining)
     assert (got.total_hits, got.over_limit, got.near_limit, got.within_limit, got.shadow_mode, got.over_limit_with_local_cache) == counts
+
+
+@pytest.mark.parametrize("ratio", [0.8, 0.5, 1.0, 1.5])
+def test_the_limiters_within_limit_shortcut_is_decides_answer(ratio: float) -> None:
+    # The limiter answers a count at or below both the limit and the near-limit threshold without
+    # calling decide (docs/performance.md): the answer it assumes must be decide's own.
+    for limit in (0, 1, 5, 10, 100):
+        near = near_threshold(limit, ratio)
+        for hits in (0, 1, 3):
+            for after in range(hits, min(near, limit) + 1):
+                for shadow in (False, True):
+                    code, remaining, got = decide(limit, hits, after, near, shadow=shadow)
+                    assert (code, remaining) == (Code.OK, limit - after)
+                    assert got == RuleCounts(total_hits=hits, within_limit=hits)
+
+
+def test_default_jitter_is_uniform_in_its_range() -> None:
+    limiter = Limiter(store=MemoryStore(), stats=MemoryStats())
+    draws = [limiter.jitter(3) for _ in range(3000)]
+    assert set(draws) == {0, 1, 2}
+    assert all(abs(draws.count(n) - 1000) < 200 for n in range(3))
 
 
 @pytest.mark.parametrize(("limit", "ratio", "near"), [(10, 0.8, 8), (20, 0.8, 16), (3, 0.8, 2), (5, 0.9, 4), (100, 0.7, 70)])

@@ -170,3 +170,53 @@ def test_override_replaces_tree(config: RateLimitConfig) -> None:
 
 def test_descriptor_key() -> None:
     assert descriptor_key("dom", [("a", "1"), ("b", "")]) == "dom.a_1.b"
+
+
+PLAIN_RULES = """
+domain: p
+descriptors:
+  - key: plain
+    rate_limit: {unit: second, requests_per_unit: 1}
+  - key: plain
+    value: v1
+    rate_limit: {unit: second, requests_per_unit: 2}
+  - key: vtm
+    value_to_metric: true
+    rate_limit: {unit: second, requests_per_unit: 3}
+  - key: detailed
+    detailed_metric: true
+    rate_limit: {unit: second, requests_per_unit: 4}
+  - key: parent
+    descriptors:
+      - key: child
+        rate_limit: {unit: second, requests_per_unit: 5}
+  - key: empty
+    value: ""
+    rate_limit: {unit: second, requests_per_unit: 6}
+  - key: "plain_"
+    rate_limit: {unit: second, requests_per_unit: 7}
+"""
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (("plain", "v1"), (2, "p_plain_v1_", "p.plain_v1")),  # the exact child
+        (("plain", "other"), (1, "p_plain_other_", "p.plain")),  # the key's child
+        (("plain", ""), (7, "p_plain__", "p.plain")),  # no value: "plain_" is an exact hit
+        (("vtm", "u1"), (3, "p_vtm_u1_", "p.vtm_u1")),  # the value goes into the stats key
+        (("detailed", "d1"), (4, "p_detailed_d1_", "p.detailed_d1")),
+        (("parent", "x"), None),  # a node without a rule at the last entry
+        (("empty", "e"), (6, "p_empty_e_", "p.empty")),
+        (("missing", "v"), None),
+    ],
+)
+def test_one_entry_descriptors_without_wildcards(
+    entry: tuple[str, str], expected: tuple[int, str, str] | None
+) -> None:
+    # One entry with a value is matched without the level loop when no wildcard is there to try
+    # (docs/performance.md); it must answer as the loop does, stats key included.
+    config = load_config([ConfigFile("plain.yaml", PLAIN_RULES)])
+    found = match(config, "p", [entry])
+    got = None if found is None else (found.rule.requests_per_unit, found.key_body, found.stats_key)
+    assert got == expected

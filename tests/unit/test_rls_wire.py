@@ -21,7 +21,7 @@ from ratelimit_svc.service import (
     response_to_proto,
 )
 
-text = st.text(max_size=12)
+text = st.text(max_size=12) | st.text(min_size=40, max_size=60)  # lengths of 1 and 2 bytes
 uint32 = st.integers(0, 2**32 - 1)
 
 
@@ -101,7 +101,7 @@ statuses = st.builds(
     code=st.sampled_from(list(Code)),
     rule=st.none() | rules,
     remaining=uint32,
-    reset_seconds=st.integers(0, 2**40),
+    reset_seconds=st.integers(0, 200) | st.integers(0, 2**40),
 )
 
 

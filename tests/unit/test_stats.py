@@ -93,6 +93,18 @@ def test_each_rule_stat_counts_into_its_own_name() -> None:
     }  # fmt: skip
 
 
+def test_add_within_counts_as_add_rule_of_a_within_limit_decision() -> None:
+    # The limiter's shortcut for its usual answer (docs/performance.md): the same stats as
+    # add_rule with decide's within-limit deltas, on a held key and on a new one.
+    by_rule, by_within = MemoryStats(max_keys=2), MemoryStats(max_keys=2)
+    for key, hits in [("d.a", 1), ("d.a", 3), ("d.b:x", 2), ("d.c", 1), ("d.a", 4)]:
+        by_rule.add_rule(key, RuleCounts(total_hits=hits, within_limit=hits))
+        by_within.add_within(key, hits)
+    assert by_within.snapshot() == by_rule.snapshot()
+    assert by_within.snapshot()["ratelimit.service.rate_limit.d.a.within_limit"] == 4
+    assert by_within.evicted_keys == by_rule.evicted_keys == 2
+
+
 def test_names_are_sanitized() -> None:
     stats = MemoryStats()
     stats.add_rule("d.key_a:b|c", RuleCounts(total_hits=1))

@@ -8,8 +8,8 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from ratelimit_svc.errors import BackendError, CounterError
 from ratelimit_svc.limiter.algorithms import Step, StepResult
@@ -90,16 +90,19 @@ class CircuitBreakerStore:
 
     # -- the CounterStore contract ---------------------------------------------------------------
 
-    async def increment(self, increments: Sequence[Increment]) -> list[int]:
-        return await self._call(lambda: self.inner.increment(increments), bounded=True)
+    # Each call is one coroutine (``_call``'s), handed the inner store's method and its
+    # arguments: no lambda and no second coroutine per request (docs/performance.md).
 
-    async def get(self, keys: Sequence[str]) -> list[int]:
-        return await self._call(lambda: self.inner.get(keys), bounded=True)
+    def increment(self, increments: Sequence[Increment]) -> Coroutine[Any, Any, list[int]]:
+        return self._call(self.inner.increment, increments)
+
+    def get(self, keys: Sequence[str]) -> Coroutine[Any, Any, list[int]]:
+        return self._call(self.inner.get, keys)
 
     async def settle(
         self, steps: Sequence[Step], now: int, *, refund: bool = False
     ) -> list[StepResult]:
-        return await self._call(lambda: self.inner.settle(steps, now, refund=refund), bounded=True)
+        return await self._call(lambda: self.inner.settle(steps, now, refund=refund))
 
     async def ping(self) -> None:
         # Not bounded by max_in_flight: the health check pings at its own fixed rate, and load
@@ -111,7 +114,11 @@ class CircuitBreakerStore:
 
     # -- the machinery ----------------------------------------------------------------------------
 
-    async def _call(self, operation: Callable[[], Awaitable[_T]], *, bounded: bool) -> _T:
+    async def _call(
+        self, operation: Callable[..., Awaitable[_T]], *args: Any, bounded: bool = True
+    ) -> _T:
+        """``operation(*args)`` if the circuit and the in-flight bound let it go to the backend;
+        the operation is called only then (nothing is created that would never be awaited)."""
         probe = self._admit()
         if bounded and 0 < self.max_in_flight <= self._in_flight:
             if probe:
@@ -123,7 +130,7 @@ class CircuitBreakerStore:
             )
         self._in_flight += 1
         try:
-            result = await operation()
+            result = await operation(*args)
         except BackendError as exc:
             self._on_failure(str(exc), probe=probe)
             raise
@@ -140,7 +147,8 @@ class CircuitBreakerStore:
             raise
         finally:
             self._in_flight -= 1
-        self._on_success()
+        if self._state is not BreakerState.CLOSED or self._failures:
+            self._on_success()
         return result
 
     def _admit(self) -> bool:

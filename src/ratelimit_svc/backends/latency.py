@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from ratelimit_svc.errors import BackendError
 from ratelimit_svc.limiter.algorithms import Step, StepResult
@@ -26,6 +27,9 @@ _SLOTS = WINDOW_SECONDS // SLOT_SECONDS
 # Upper bounds in milliseconds: 10 µs growing by 20% a bucket to about 60 s; one more for beyond.
 BOUNDS_MS: tuple[float, ...] = tuple(0.01 * 1.2**i for i in range(86))
 OPERATIONS = ("increment", "get", "settle")
+
+_perf_counter = time.perf_counter
+_T = TypeVar("_T")
 
 
 class _Slot:
@@ -87,46 +91,35 @@ def _quantile(counts: Sequence[int], total: int, q: float) -> float | None:
 
 
 class TimedStore:
-    """A ``CounterStore`` that records each ``increment``, ``get`` and ``settle`` of ``inner``."""
+    """A ``CounterStore`` that records each ``increment``, ``get`` and ``settle`` of ``inner``
+    (one coroutine per call: the inner store's awaitable is handed to ``_timed``)."""
 
     def __init__(self, inner: CounterStore, recorder: LatencyRecorder) -> None:
         self.inner = inner
         self.recorder = recorder
 
-    async def increment(self, increments: Sequence[Increment]) -> list[int]:
-        started = time.perf_counter()
-        try:
-            values = await self.inner.increment(increments)
-        except BackendError:
-            self.recorder.record("increment", (time.perf_counter() - started) * 1e3, error=True)
-            raise
-        self.recorder.record("increment", (time.perf_counter() - started) * 1e3)
-        return values
+    def increment(self, increments: Sequence[Increment]) -> Coroutine[Any, Any, list[int]]:
+        return self._timed("increment", _perf_counter(), self.inner.increment(increments))
 
-    async def get(self, keys: Sequence[str]) -> list[int]:
-        started = time.perf_counter()
-        try:
-            values = await self.inner.get(keys)
-        except BackendError:
-            self.recorder.record("get", (time.perf_counter() - started) * 1e3, error=True)
-            raise
-        self.recorder.record("get", (time.perf_counter() - started) * 1e3)
-        return values
+    def get(self, keys: Sequence[str]) -> Coroutine[Any, Any, list[int]]:
+        return self._timed("get", _perf_counter(), self.inner.get(keys))
 
-    async def settle(
+    def settle(
         self, steps: Sequence[Step], now: int, *, refund: bool = False
-    ) -> list[StepResult]:
-        started = time.perf_counter()
-        try:
-            results = await self.inner.settle(steps, now, refund=refund)
-        except BackendError:
-            self.recorder.record("settle", (time.perf_counter() - started) * 1e3, error=True)
-            raise
-        self.recorder.record("settle", (time.perf_counter() - started) * 1e3)
-        return results
+    ) -> Coroutine[Any, Any, list[StepResult]]:
+        return self._timed("settle", _perf_counter(), self.inner.settle(steps, now, refund=refund))
 
     async def ping(self) -> None:
         await self.inner.ping()
 
     async def close(self) -> None:
         await self.inner.close()
+
+    async def _timed(self, operation: str, started: float, call: Awaitable[_T]) -> _T:
+        try:
+            result = await call
+        except BackendError:
+            self.recorder.record(operation, (_perf_counter() - started) * 1e3, error=True)
+            raise
+        self.recorder.record(operation, (_perf_counter() - started) * 1e3)
+        return result

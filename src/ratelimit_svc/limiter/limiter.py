@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ratelimit_svc.config.rules import Algorithm, RateLimitConfig, Rule, Unit
 from ratelimit_svc.errors import NoConfigError, RequestError
@@ -22,6 +22,7 @@ from ratelimit_svc.limiter.localcache import LocalCache
 from ratelimit_svc.limiter.matching import Entry, Match, Override, match
 from ratelimit_svc.limiter.stepped import Stepped, judge, limit_key, make_step
 from ratelimit_svc.limiter.store import CounterStore, Increment
+from ratelimit_svc.limiter.tuples import builder
 from ratelimit_svc.limiter.windows import Code, RuleCounts, decide, near_threshold
 
 __all__ = [
@@ -40,25 +41,29 @@ __all__ = [
 ]
 
 MAX_UINT32 = 2**32 - 1
+# Expiration jitter: a uniform whole number in [0, n), half the cost of random.randrange(n).
+_random = random.random
 
 
 
-@dataclass(frozen=True, slots=True)
-class RequestDescriptor:
+# The request and the decision are named tuples, not frozen dataclasses: immutable all the same,
+# and one is built per descriptor of every request at a quarter of the cost
+# (docs/performance.md (What the hot path avoids)).
+
+
+class RequestDescriptor(NamedTuple):
     entries: tuple[Entry, ...]
     override: Override | None = None
     hits_addend: int | None = None  # None: the wrapper was absent
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     domain: str
     descriptors: tuple[RequestDescriptor, ...]
     hits_addend: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Status:
+class Status(NamedTuple):
     """One DescriptorStatus. ``rule`` is the current limit (None: no limit applied)."""
 
     code: Code
@@ -67,8 +72,7 @@ class Status:
     reset_seconds: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     overall: Code
     statuses: tuple[Status, ...]
     headers: tuple[tuple[str, str], ...] = ()
@@ -81,6 +85,11 @@ class StatsRecorder(Protocol):
     def add(self, name: str, value: int = 1) -> None: ...
 
     def add_rule(self, stats_key: str, counts: RuleCounts) -> None: ...
+
+    def add_within(self, stats_key: str, hits: int) -> None:
+        """``add_rule`` of a decision within the limit and below its near-limit threshold:
+        ``hits`` to total_hits and within_limit."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,37 +107,16 @@ class LimiterOptions:
     ietf_headers: bool = False  # RateLimit and RateLimit-Policy (docs/algorithms.md)
 
 
-class _Counted:
-    """A descriptor whose rule is counted in this request (a plain slots class: one is built per
-    counted descriptor of every request)."""
-
-    __slots__ = (
-        "after", "cached", "hits", "index", "key", "quota", "reset", "rule", "stats_key", "window"
-    )
-
-    def __init__(
-        self,
-        index: int,
-        rule: Rule,
-        stats_key: str,
-        hits: int,
-        key: str,
-        window: int,
-        reset: int,
-        quota: bool,
-    ) -> None:
-        self.index = index
-        self.rule = rule
-        self.stats_key = stats_key
-        self.hits = hits
-        self.key = key
-        self.window = window
-        self.reset = reset
-        self.quota = quota
-        self.cached = False
-        self.after = 0
+# A descriptor whose rule is counted in this request, as a plain tuple (one is built per counted
+# descriptor of every request): (index, rule, stats key, hits, counter key, window, seconds to
+# the window's end, quota).
+_Counted = tuple[int, Rule, str, int, str, int, int, bool]
 
 
+_status = builder(Status)
+_increment = builder(Increment)
+# Window lengths by unit (Unit.seconds is a property: a call per descriptor).
+_SECONDS = {unit: unit.seconds for unit in Unit}
 _OK = Status(Code.OK)
 _UNLIMITED = Status(Code.OK, remaining=MAX_UINT32)
 _NEAR_CACHE_MAX = 4096  # distinct limits remembered (overrides from requests can be any value)
@@ -142,7 +130,7 @@ class Limiter:
     stats: StatsRecorder
     options: LimiterOptions = field(default_factory=LimiterOptions)
     clock: Callable[[], float] = time.time
-    jitter: Callable[[int], int] = field(default=lambda n: random.randrange(n))
+    jitter: Callable[[int], int] = field(default=lambda n: int(_random() * n))
     local_cache: LocalCache | None = None
     # Told of every fixed-window counter past its near-limit threshold (the console's hot keys).
     hot_keys: HotKeys | None = None
@@ -156,7 +144,7 @@ class Limiter:
     async def should_rate_limit(
         self, config: RateLimitConfig | None, request: Request
     ) -> Decision:
-        domain, descriptors = request.domain, request.descriptors
+        domain, descriptors, request_hits = request
         if not domain:
             raise RequestError("rate limit domain must not be empty")
         if not descriptors:
@@ -172,7 +160,9 @@ class Limiter:
         counted: list[_Counted] = []
         stepped: list[tuple[int, Match, int]] | None = None
         prefix = options.cache_key_prefix
-        default_hits = max(1, request.hits_addend)
+        default_hits = request_hits if request_hits > 1 else 1
+        quota_mode = options.quota_mode
+        all_stepped = options.charge_only_when_admitted
         for index, found in enumerate(matches):
             if found is None:
                 continue
@@ -181,70 +171,79 @@ class Limiter:
                 statuses[index] = _UNLIMITED
                 continue
             hits = descriptors[index].hits_addend
-            if not rule.classic or options.charge_only_when_admitted:
+            if hits is None:
+                hits = default_hits
+            if all_stepped or not rule.classic:
                 if stepped is None:
                     stepped = []
-                stepped.append((index, found, default_hits if hits is None else hits))
+                stepped.append((index, found, hits))
                 continue
-            window = rule.unit.seconds
+            window = _SECONDS[rule.unit]
             into = now % window
-            counted.append(
-                _Counted(
-                    index,
-                    rule,
-                    found.stats_key,
-                    default_hits if hits is None else hits,
-                    f"{prefix}{found.key_body}{now - into}",
-                    window,
-                    window - into,
-                    rule.quota_mode or options.quota_mode,
-                )
-            )
+            key = f"{prefix}{found.key_body}{now - into}"
+            quota = quota_mode or rule.quota_mode
+            counted.append((index, rule, found.stats_key, hits, key, window, window - into, quota))
 
         items: list[Stepped] = []
+        afters: list[int] = []
+        cached: list[bool] | None = None
         if stepped is not None:
             items = self._steps(stepped, counted, now, clock_now)
-            await self._settle(items, counted, now, int(clock_now * US))
+            afters, cached = await self._settle(items, counted, now, int(clock_now * US))
+        elif self.local_cache is None and not options.stop_cache_key_increment_when_overlimit:
+            if counted:  # the usual request: only increments (no coroutine of _count's)
+                increments = self._increments(counted, [item[3] for item in counted])
+                afters = _one_each(await self.store.increment(increments), counted)
         elif counted:
-            await self._count(counted, now)
+            afters, cached = await self._count(counted, now)
 
-        add_rule = self.stats.add_rule
+        stats = self.stats
         cache = self.local_cache
         hot = self.hot_keys
-        for item in counted:
-            rule = item.rule
+        nears = self._near
+        over = False
+        for position, (index, rule, stats_key, hits, key, _, reset, _) in enumerate(counted):
+            after = afters[position]
             limit = rule.requests_per_unit
-            near = self._near_threshold(limit)
+            near = nears.get(limit)
+            if near is None:
+                near = self._near_threshold(limit)
+            is_cached = cached is not None and cached[position]
+            if after <= near and after <= limit and not is_cached:
+                # The usual answer, below the near-limit threshold: ``decide``'s within-limit
+                # case without building its stat deltas.
+                stats.add_within(stats_key, hits)
+                statuses[index] = _status((Code.OK, rule, limit - after, reset))
+                continue
             code, remaining, counts = decide(
-                limit,
-                item.hits,
-                item.after,
-                near,
-                shadow=rule.shadow_mode,
-                cached=item.cached,
+                limit, hits, after, near, shadow=rule.shadow_mode, cached=is_cached
             )
-            add_rule(item.stats_key, counts)
-            if cache is not None and not item.cached and item.after > limit:
-                cache.add(item.key, now + item.reset)  # shadow-mode rules are cached too
-            if hot is not None and item.after > near:
+            stats.add_rule(stats_key, counts)
+            if cache is not None and not is_cached and after > limit:
+                cache.add(key, now + reset)  # shadow-mode rules are cached too
+            if hot is not None and after > near:
                 hot.record(
-                    item.key, domain, descriptors[item.index].entries, item.stats_key,
-                    item.after, limit, now + item.reset, now,
+                    key, domain, descriptors[index].entries, stats_key, after, limit,
+                    now + reset, now,
                 )  # fmt: skip
-            statuses[item.index] = Status(code, rule, remaining, item.reset)
+            if code is Code.OVER_LIMIT:
+                over = True
+            statuses[index] = _status((code, rule, remaining, reset))
 
-        deciders: list[_Counted | Stepped] = list(counted)
-        if items:
-            deciders.extend(self._judge_steps(items, statuses, int(clock_now * US)))
-        overall = self._overall(statuses, deciders, matches)
+        judged = self._judge_steps(items, statuses, int(clock_now * US)) if items else []
+        headers: tuple[tuple[str, str], ...] = ()
+        if over or judged or options.response_headers or options.ietf_headers:
+            quotas = {item[0]: item[7] for item in counted}
+            for judge in judged:
+                quotas[judge.index] = judge.quota
+            overall = self._overall(statuses, quotas)
+            if options.response_headers or options.ietf_headers:
+                headers = self._headers(statuses, quotas)
+        else:  # no status is over its limit: nor is the request, quota or not
+            overall = Code.OK
         if overall is Code.OVER_LIMIT and options.shadow_mode:
             self.stats.add("ratelimit.service.global_shadow_mode")
             overall = Code.OK
-        headers = (
-            self._headers(statuses, deciders)
-            if options.response_headers or options.ietf_headers
-            else ()
-        )
         metadata = (
             self._dynamic_metadata(request, statuses, matches) if options.dynamic_metadata else None
         )
@@ -285,28 +284,23 @@ class Limiter:
                 window = rule.unit.seconds
                 into = now % window
                 key = f"{prefix}{found.key_body}{now - into}"
+                quota = rule.quota_mode or self.options.quota_mode
                 counted.append(
-                    _Counted(
-                        index, rule, found.stats_key, 0, key, window, window - into,
-                        rule.quota_mode or self.options.quota_mode,
-                    )
-                )  # fmt: skip
+                    (index, rule, found.stats_key, 0, key, window, window - into, quota)
+                )
         current: list[int | None] = [None] * count
         if counted:
-            values = await self.store.get([item.key for item in counted])
+            values = await self.store.get([item[4] for item in counted])
             cache = self.local_cache
-            for item, value in zip(counted, values, strict=True):
-                item.after = current[item.index] = value
-                item.cached = cache is not None and cache.holds(item.key, now)
-        for item in counted:
-            rule = item.rule
-            limit = rule.requests_per_unit
-            code, remaining, _ = decide(
-                limit, 0, item.after, self._near_threshold(limit),
-                shadow=rule.shadow_mode, cached=item.cached,
-            )  # fmt: skip
-            statuses[item.index] = Status(code, rule, remaining, item.reset)
-        overall = self._overall(statuses, counted, matches)
+            for (index, rule, _, _, key, _, reset, _), value in zip(counted, values, strict=True):
+                current[index] = value
+                limit = rule.requests_per_unit
+                code, remaining, _ = decide(
+                    limit, 0, value, self._near_threshold(limit), shadow=rule.shadow_mode,
+                    cached=cache is not None and cache.holds(key, now),
+                )  # fmt: skip
+                statuses[index] = Status(code, rule, remaining, reset)
+        overall = self._overall(statuses, {item[0]: item[7] for item in counted})
         if overall is Code.OVER_LIMIT and self.options.shadow_mode:
             overall = Code.OK
         return Decision(overall, tuple(statuses)), matches, current
@@ -350,48 +344,55 @@ class Limiter:
             ]
         return matches
 
-    async def _count(self, counted: list[_Counted], now: int) -> None:
-        """Fill ``after`` (and ``cached``) for every counted descriptor.
+    async def _count(
+        self, counted: list[_Counted], now: int
+    ) -> tuple[list[int], list[bool] | None]:
+        """Each counted descriptor's counter after this request (0 where the local cache answered),
+        and which ones the local cache answered (None: no local cache).
 
         With STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT, as in the reference (docs/compatibility.md):
         when any key is over via the local cache, or when some keys would go over and others not,
-        the keys not incremented still get an increment of 0, so ``after`` is their current count
+        the keys not incremented still get an increment of 0, so their count is the current one
         and their (zero-valued) keys exist in the store exactly as the reference writes them.
         """
         cache = self.local_cache
+        cached: list[bool] | None = None
         pending = counted
         if cache is not None:
-            for item in counted:
-                item.cached = cache.contains(item.key, now)
-            pending = [item for item in counted if not item.cached]
-            if not pending:
-                return
-        hits = [item.hits for item in pending]
+            cached = [cache.contains(item[4], now) for item in counted]
+            if True in cached:
+                pending = [item for item, hit in zip(counted, cached, strict=True) if not hit]
+                if not pending:
+                    return [0] * len(counted), cached
+        hits = [item[3] for item in pending]
         if self.options.stop_cache_key_increment_when_overlimit:
             if len(pending) < len(counted):
                 hits = [0] * len(pending)  # some key is over via the local cache
             else:
-                current = await self.store.get([item.key for item in pending])
+                current = await self.store.get([item[4] for item in pending])
                 would_pass = [
-                    value + item.hits > item.rule.requests_per_unit
+                    value + item[3] > item[1].requests_per_unit
                     for item, value in zip(pending, current, strict=True)
                 ]
                 if any(would_pass):
                     hits = [n if over else 0 for n, over in zip(hits, would_pass, strict=True)]
+        values = _one_each(await self.store.increment(self._increments(pending, hits)), pending)
+        if pending is counted:
+            return values, cached
+        answered = iter(values)
+        return [0 if hit else next(answered) for hit in cached or ()], cached
+
+    def _increments(self, counted: list[_Counted], hits: list[int]) -> list[Increment]:
+        """``hits`` to each counted descriptor's key, its TTL with the expiration jitter."""
         jitter_max = self.options.expiration_jitter_max_seconds
         if jitter_max > 0:
             jitter = self.jitter
-            increments = [
-                Increment(i.key, n, i.window, i.window + jitter(jitter_max))
-                for i, n in zip(pending, hits, strict=True)
+            return [
+                _increment((item[4], n, item[5], item[5] + jitter(jitter_max)))
+                for item, n in zip(counted, hits, strict=True)
             ]
-        else:
-            increments = [
-                Increment(i.key, n, i.window, i.window) for i, n in zip(pending, hits, strict=True)
-            ]
-        values = await self.store.increment(increments)
-        for item, value in zip(pending, values, strict=True):
-            item.after = value
+        pairs = zip(counted, hits, strict=True)
+        return [_increment((item[4], n, item[5], item[5])) for item, n in pairs]
 
     def _steps(
         self,
@@ -416,8 +417,8 @@ class Limiter:
         limits: list[tuple[int, Rule, str, str, int, bool, bool]] = []
         if together:
             limits = [
-                (i.index, i.rule, i.stats_key, i.key, i.hits, i.quota, conditional_all)
-                for i in counted
+                (index, rule, stats_key, key, hits, quota, conditional_all)
+                for index, rule, stats_key, hits, key, _, _, quota in counted
             ]
             counted.clear()
         for index, found, hits in stepped:
@@ -441,14 +442,17 @@ class Limiter:
 
     async def _settle(
         self, items: list[Stepped], counted: list[_Counted], now: int, now_us: int
-    ) -> None:
+    ) -> tuple[list[int], list[bool] | None]:
+        """Settle ``items`` and count ``counted`` (``_count``'s answer) at once."""
         settling = self.store.settle([item.step for item in items], now_us)
+        counts: tuple[list[int], list[bool] | None] = ([], None)
         if counted:  # plain fixed windows, on their own path (local cache, stop-cache option)
-            _, results = await asyncio.gather(self._count(counted, now), settling)
+            counts, results = await asyncio.gather(self._count(counted, now), settling)
         else:
             results = await settling
         for item, result in zip(items, results, strict=True):
             item.result = result
+        return counts
 
     def _judge_steps(
         self, items: list[Stepped], statuses: list[Status], now_us: int
@@ -477,16 +481,11 @@ class Limiter:
             statuses[index] = status
         return [item for _, item in chosen.values()]
 
-    def _overall(
-        self,
-        statuses: list[Status],
-        counted: Sequence[_Counted | Stepped],
-        matches: list[Match | None],
-    ) -> Code:
-        """OVER_LIMIT iff a non-quota rule is over, or every quota descriptor is. Unlimited
+    def _overall(self, statuses: list[Status], quota: dict[int, bool]) -> Code:
+        """OVER_LIMIT iff a non-quota rule is over, or every quota descriptor is (``quota``: by
+        the index of each counted descriptor, whether it counts in quota mode). Unlimited
         descriptors take no part; under QUOTA_MODE a descriptor without a rule is a passing quota
         descriptor (docs/compatibility.md)."""
-        quota = {item.index: item.quota for item in counted}
         global_quota = self.options.quota_mode
         quota_total = quota_over = 0
         for index, status in enumerate(statuses):
@@ -504,10 +503,10 @@ class Limiter:
         return Code.OK
 
     def _headers(
-        self, statuses: list[Status], counted: Sequence[_Counted | Stepped]
+        self, statuses: list[Status], quotas: dict[int, bool]
     ) -> tuple[tuple[str, str], ...]:
         names = self.options.response_headers
-        quota = {item.index for item in counted if item.quota}
+        quota = {index for index, is_quota in quotas.items() if is_quota}
         chosen: Status | None = None
         for status in statuses:
             if status.rule is None:
@@ -558,6 +557,13 @@ class Limiter:
         if merged:
             result["metadata"] = merged
         return result
+
+
+def _one_each(values: list[int], counted: list[_Counted]) -> list[int]:
+    """``values`` if the store answered one count per key (else a bug: ValueError)."""
+    if len(values) != len(counted):
+        raise ValueError(f"the store answered {len(values)} counts for {len(counted)} keys")
+    return values
 
 
 def _more_restrictive(status: Status, than: Status) -> bool:

@@ -56,6 +56,7 @@ _OK_TRAILERS = {
     "more_trailers": False,
 }
 _ACCEPT_ENCODING = (b"grpc-accept-encoding", b"identity,gzip")
+_TIMEOUTS_KEPT = 64
 # Bytes of grpc-message sent as they are (the protocol's rule: printable ASCII except '%').
 _PLAIN = frozenset(range(0x20, 0x7F)) - {ord("%")}
 
@@ -183,6 +184,8 @@ class GrpcAsgiApp:
         self.in_flight = 0
         self.closing = False  # stopping: new calls are refused (UNAVAILABLE), never started
         self._idle: asyncio.Future[None] | None = None
+        # grpc-timeout values seen, parsed (Envoy sends the same one with every request)
+        self._timeouts: dict[bytes, float] = {}
 
     async def wait_idle(self) -> None:
         """Until no call is in flight."""
@@ -191,11 +194,86 @@ class GrpcAsgiApp:
             await self._idle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # One coroutine per call: the call is written out here (docs/performance.md).
         if scope["type"] != "http":
             return
         self.in_flight += 1
         try:
-            await self._call(scope, receive, send)
+            if self.closing:
+                await _trailers_only(send, Status.UNAVAILABLE, "the server is shutting down")
+                return
+            content_type = encoding = timeout = None
+            client_cert = b""
+            for name, value in scope["headers"]:
+                if name == b"content-type":
+                    content_type = value
+                elif name == b"grpc-timeout":
+                    timeout = value
+                elif name == b"grpc-encoding":
+                    encoding = value
+                elif name == b"x-forwarded-client-cert":  # set by Envoy, never the client's
+                    client_cert = value
+            if scope["http_version"] not in ("2", "3"):
+                await _plain(send, 505, b"gRPC requires HTTP/2")
+                return
+            if scope["method"] != "POST":
+                message = f"{scope['method']} is not POST: gRPC calls are POST"
+                await _trailers_only(send, Status.INTERNAL, message, status=405)
+                return
+            if content_type is None or not (
+                content_type == b"application/grpc"
+                or content_type.startswith(b"application/grpc+")
+                or content_type.startswith(b"application/grpc;")
+            ):
+                shown = content_type.decode("latin-1") if content_type is not None else ""
+                message = f"invalid gRPC request content-type {shown!r}"
+                await _trailers_only(send, Status.INVALID_ARGUMENT, message, status=415)
+                return
+            if encoding not in (None, b"identity", b"gzip"):
+                await _trailers_only(
+                    send,
+                    Status.UNIMPLEMENTED,
+                    f"grpc-encoding {encoding.decode('latin-1')!r} is not supported",
+                    extra=(_ACCEPT_ENCODING,),
+                )
+                return
+            if self.required_san and self.required_san not in forwarded_sans(client_cert):
+                await self._drain(receive)
+                await _trailers_only(send, Status.UNAUTHENTICATED, san_refusal(self.required_san))
+                return
+            path: str = scope["path"]
+            try:
+                time_left = None
+                if timeout is not None:
+                    time_left = self._timeouts.get(timeout)
+                    if time_left is None:
+                        time_left = self._timeout(timeout)
+                if path == HEALTH_WATCH:
+                    watched = await self._read_one(await receive(), receive, encoding)
+                    await self._watch(watched, receive, send)
+                    return
+                handler = self.methods.get(path)
+                if handler is None and path != HEALTH_CHECK:
+                    await self._drain(receive)
+                    raise RpcError(Status.UNIMPLEMENTED, f"unknown method {path}")
+                event = await receive()
+                whole = self._whole(event)
+                request = whole if whole is not None else await self._read_one(
+                    event, receive, encoding
+                )
+                if handler is None:
+                    response = self._check(request)
+                else:
+                    response = await handler(request, time_left, lambda: _metadata(scope))
+            except RpcError as exc:
+                await _trailers_only(send, exc.code, exc.message)
+                return
+            except ValueError as exc:  # a malformed grpc-timeout
+                await _trailers_only(send, Status.INTERNAL, str(exc))
+                return
+            await send(_START)
+            await send({"type": "http.response.body", "body": frame(response), "more_body": False})
+            await send(_OK_TRAILERS)
         except OSError:
             pass  # the client went away (reset the stream) before the answer was sent
         finally:
@@ -203,88 +281,34 @@ class GrpcAsgiApp:
             if not self.in_flight and self._idle is not None and not self._idle.done():
                 self._idle.set_result(None)
 
-    async def _call(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.closing:
-            await _trailers_only(send, Status.UNAVAILABLE, "the server is shutting down")
-            return
-        content_type = encoding = timeout = None
-        client_cert = b""
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                content_type = value
-            elif name == b"grpc-timeout":
-                timeout = value
-            elif name == b"grpc-encoding":
-                encoding = value
-            elif name == b"x-forwarded-client-cert":  # set by Envoy, never the client's
-                client_cert = value
-        if scope["http_version"] not in ("2", "3"):
-            await _plain(send, 505, b"gRPC requires HTTP/2")
-            return
-        if scope["method"] != "POST":
-            message = f"{scope['method']} is not POST: gRPC calls are POST"
-            await _trailers_only(send, Status.INTERNAL, message, status=405)
-            return
-        if content_type is None or not (
-            content_type == b"application/grpc" or content_type.startswith(b"application/grpc+")
-            or content_type.startswith(b"application/grpc;")
-        ):
-            shown = content_type.decode("latin-1") if content_type is not None else ""
-            message = f"invalid gRPC request content-type {shown!r}"
-            await _trailers_only(send, Status.INVALID_ARGUMENT, message, status=415)
-            return
-        if encoding not in (None, b"identity", b"gzip"):
-            await _trailers_only(
-                send,
-                Status.UNIMPLEMENTED,
-                f"grpc-encoding {encoding.decode('latin-1')!r} is not supported",
-                extra=(_ACCEPT_ENCODING,),
-            )
-            return
-        if self.required_san and self.required_san not in forwarded_sans(client_cert):
-            await self._drain(receive)
-            await _trailers_only(send, Status.UNAUTHENTICATED, san_refusal(self.required_san))
-            return
-        path: str = scope["path"]
-        try:
-            time_left = parse_grpc_timeout(timeout) if timeout is not None else None
-            if path == HEALTH_WATCH:
-                request = await self._read_one(receive, encoding)
-                await self._watch(request, receive, send)
-                return
-            handler = self.methods.get(path)
-            if handler is None and path != HEALTH_CHECK:
-                await self._drain(receive)
-                raise RpcError(Status.UNIMPLEMENTED, f"unknown method {path}")
-            request = await self._read_one(receive, encoding)
-            if handler is None:
-                response = self._check(request)
-            else:
-                response = await handler(request, time_left, lambda: _metadata(scope))
-        except RpcError as exc:
-            await _trailers_only(send, exc.code, exc.message)
-            return
-        except ValueError as exc:  # a malformed grpc-timeout
-            await _trailers_only(send, Status.INTERNAL, str(exc))
-            return
-        await send(_START)
-        await send({"type": "http.response.body", "body": frame(response), "more_body": False})
-        await send(_OK_TRAILERS)
+    def _timeout(self, value: bytes) -> float:
+        seconds = parse_grpc_timeout(value)
+        if len(self._timeouts) >= _TIMEOUTS_KEPT:
+            self._timeouts.clear()
+        self._timeouts[value] = seconds
+        return seconds
 
-    async def _read_one(self, receive: Receive, encoding: bytes | None) -> bytes:
-        """The request's one message, reassembled from the body's chunks."""
-        event = await receive()
-        if event["type"] != "http.request":  # http.disconnect
-            raise RpcError(Status.CANCELLED, "the client went away")
+    def _whole(self, event: Message) -> bytes | None:
+        """The usual request body: one event holding one whole uncompressed message within the
+        limit, taken as it is (None: anything else, for ``_read_one``)."""
+        if event["type"] != "http.request" or event.get("more_body", False):
+            return None
         body: bytes = event.get("body", b"")
-        more = event.get("more_body", False)
-        # The usual case: the whole body in one event, one uncompressed message within the limit.
-        if not more and len(body) >= 5 and body[0] == 0:
+        if len(body) >= 5 and body[0] == 0:
             length = int.from_bytes(body[1:5], "big")
             if length == len(body) - 5 and not (
                 self.max_message_bytes and length > self.max_message_bytes
             ):
                 return bytes(body[5:])
+        return None
+
+    async def _read_one(self, event: Message, receive: Receive, encoding: bytes | None) -> bytes:
+        """The request's one message, reassembled from the body's chunks (``event`` is the
+        first)."""
+        if event["type"] != "http.request":  # http.disconnect
+            raise RpcError(Status.CANCELLED, "the client went away")
+        body: bytes = event.get("body", b"")
+        more = event.get("more_body", False)
         messages = Messages(self.max_message_bytes, encoding)
         found = messages.feed(body)
         while more:

@@ -98,6 +98,17 @@ class MemoryStats:
         shadow_mode.total += counts.shadow_mode
         local_cache.total += counts.over_limit_with_local_cache
 
+    def add_within(self, stats_key: str, hits: int) -> None:
+        """``add_rule`` of a decision within the limit and below the near-limit threshold (the
+        limiter's usual answer): ``hits`` to total_hits and within_limit."""
+        row = self._rule_rows.get(stats_key)
+        if row is None:
+            row = self._rule_row(stats_key)
+        else:
+            self._keys.move_to_end(stats_key)
+        row[0].total += hits
+        row[3].total += hits
+
     def _rule_row(self, stats_key: str) -> tuple[_Counter, ...]:
         """The six counters of ``stats_key`` in RULE_STATS order, kept for the key's next
         decisions while it is held under its own name (until evicted)."""

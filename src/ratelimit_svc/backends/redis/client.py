@@ -112,22 +112,28 @@ class ServerClient:
         """Every command's reply, in order (error replies as ``ReplyError``), within the
         operation timeout (or by ``deadline``, a loop time); failures raise BackendError. On an
         open connection this is the connection's future itself: no coroutine per call."""
+        return self.exchange_packed(pack(commands), len(commands), deadline)
+
+    def exchange_packed(
+        self, data: bytes, count: int, deadline: float | None = None
+    ) -> Awaitable[list[Any]]:
+        """``exchange`` of ``count`` commands already packed into ``data``."""
         conn = self._conn
         if conn is None or conn.closed:
-            return self._exchange_connecting(commands, deadline)
+            return self._exchange_connecting(data, count, deadline)
         if deadline is None:
             # The connection's loop: asyncio.get_running_loop() makes a getpid() system call
             # on Python 3.11, once per request here.
             deadline = conn.loop.time() + self.op_timeout
-        return conn.call(pack(commands), len(commands), deadline)
+        return conn.call(data, count, deadline)
 
     async def _exchange_connecting(
-        self, commands: Sequence[Command], deadline: float | None
+        self, data: bytes, count: int, deadline: float | None
     ) -> list[Any]:
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + self.op_timeout
         conn = await self._connection(deadline)
-        return await conn.call(pack(commands), len(commands), deadline)
+        return await conn.call(data, count, deadline)
 
     def reset(self, reason: str) -> None:
         """Drop the current connection (its calls fail); the next call reconnects."""

@@ -9,13 +9,18 @@ optionally coalesced further by REDIS_PIPELINE_WINDOW). Credentials never reach 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ratelimit_svc.backends.redis import scripts as redis_scripts
 from ratelimit_svc.backends.redis.client import Endpoint, tls_context
 from ratelimit_svc.backends.redis.pipelining import Coalescer
-from ratelimit_svc.backends.redis.protocol import Command, ReplyError
+from ratelimit_svc.backends.redis.protocol import (
+    Command,
+    ReplyError,
+    increment_commands,
+    pack_increments,
+)
 from ratelimit_svc.errors import BackendError, CounterError
 from ratelimit_svc.limiter.algorithms import Step, StepResult, refund_unadmitted
 from ratelimit_svc.limiter.store import Increment
@@ -142,13 +147,25 @@ class CommandStore:
         return text
 
     async def increment(self, increments: Sequence[Increment]) -> list[int]:
-        commands: list[Command] = []
-        for inc in increments:
-            commands.append(("INCRBY", inc.key, inc.hits))
-            commands.append(("EXPIRE", inc.key, inc.ttl))
-        replies = await self._run(commands)
-        return [self._as_int(reply, command[1]) for reply, command in
-                zip(replies[::2], commands[::2], strict=True)]  # fmt: skip
+        if not increments:
+            return []
+        packed = self._packed_sender() if self._coalescer is None else None
+        if packed is not None:
+            replies = await packed(pack_increments(increments), 2 * len(increments))
+        else:
+            replies = await self._replies(increment_commands(increments))
+        for reply in replies:
+            if type(reply) is not int:  # an error reply, or not a number: the slow way
+                commands = increment_commands(increments)
+                self._check(replies, commands)
+                return [self._as_int(reply, command[1]) for reply, command in
+                        zip(replies[::2], commands[::2], strict=True)]  # fmt: skip
+        return replies[::2]
+
+    def _packed_sender(self) -> Callable[[bytes, int], Awaitable[list[Any]]] | None:
+        """Where commands already packed can go in one round trip (None: only as commands,
+        e.g. a cluster routes each by its key)."""
+        return None
 
     async def get(self, keys: Sequence[str]) -> list[int]:
         if not keys:
@@ -227,15 +244,23 @@ class CommandStore:
     async def _run(self, commands: Sequence[Command], *, checked: bool = True) -> list[Any]:
         if not commands:
             return []
-        if self._coalescer is not None:
-            replies = await self._coalescer.submit(commands)
-        else:
-            replies = await self._round_trip(commands)
+        replies = await self._replies(commands)
         if checked:
-            for index, reply in enumerate(replies):
-                if type(reply) is ReplyError:
-                    self._raise_for(reply, commands[index])
+            self._check(replies, commands)
         return replies
+
+    def _replies(self, commands: Sequence[Command]) -> Awaitable[list[Any]]:
+        """The replies to ``commands`` in one round trip (coalesced with other calls' under
+        REDIS_PIPELINE_WINDOW)."""
+        if self._coalescer is not None:
+            return self._coalescer.submit(commands)
+        return self._round_trip(commands)
+
+    def _check(self, replies: Sequence[Any], commands: Sequence[Command]) -> None:
+        """Raise for the first error reply: CounterError about one key, else BackendError."""
+        for index, reply in enumerate(replies):
+            if type(reply) is ReplyError:
+                self._raise_for(reply, commands[index])
 
     def _raise_for(self, reply: ReplyError, command: Command) -> None:
         if is_key_error(reply):

@@ -63,6 +63,38 @@ def pack(commands: Sequence[Command]) -> bytes:
     return b"".join([_pack_command(command) for command in commands])
 
 
+# "$<length>\r\n<n>\r\n" of the small numbers every increment carries (hits, TTL seconds).
+_NUMBERS = [b"$%d\r\n%d\r\n" % (len(str(n)), n) for n in range(4096)]
+
+
+def _number(n: int) -> bytes:
+    return b"$%d\r\n%d\r\n" % (len(str(n)), n)
+
+
+def increment_commands(increments: Sequence[tuple[str, int, int, int]]) -> list[Command]:
+    """INCRBY and EXPIRE of each (key, hits, window, ttl), in order."""
+    commands: list[Command] = []
+    for key, hits, _, ttl in increments:
+        commands += (("INCRBY", key, hits), ("EXPIRE", key, ttl))
+    return commands
+
+
+def pack_increments(increments: Sequence[tuple[str, int, int, int]]) -> bytes:
+    """``pack(increment_commands(increments))``, written directly: a third of the cost, since
+    every request of a 5-descriptor config packs ten commands (docs/performance.md)."""
+    out: list[bytes] = []
+    for key, hits, _, ttl in increments:
+        encoded = key.encode()
+        name = b"$%d\r\n%b\r\n" % (len(encoded), encoded)
+        out += (
+            b"*3\r\n$6\r\nINCRBY\r\n", name,
+            _NUMBERS[hits] if 0 <= hits < 4096 else _number(hits),
+            b"*3\r\n$6\r\nEXPIRE\r\n", name,
+            _NUMBERS[ttl] if 0 <= ttl < 4096 else _number(ttl),
+        )  # fmt: skip
+    return b"".join(out)
+
+
 class _Call:
     """One caller's commands: sent together, answered together."""
 

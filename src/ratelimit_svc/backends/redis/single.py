@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ratelimit_svc.backends.redis.client import ServerClient
@@ -53,6 +53,9 @@ class RedisStore(CommandStore):
 
     def _send(self, commands: Sequence[Command]) -> Awaitable[list[Any]]:
         return self._server.exchange(commands)
+
+    def _packed_sender(self) -> Callable[[bytes, int], Awaitable[list[Any]]]:
+        return self._server.exchange_packed
 
     async def close(self) -> None:
         await super().close()
