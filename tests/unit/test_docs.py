@@ -147,3 +147,41 @@ def test_slugs_follow_github() -> None:
     assert slug("`/healthcheck` (any method)") == "healthcheck-any-method"
     assert slug("detailed_metric and value_to_metric") == "detailed_metric-and-value_to_metric"
     assert slug("One request, socket to Redis and back") == "one-request-socket-to-redis-and-back"
+
+
+def _tree_modules(text: str) -> set[str]:
+    """The modules docs/architecture.md's tree names, as paths below src/ratelimit_svc/."""
+    block = text.split("```\nsrc/ratelimit_svc/\n", 1)[1].split("```", 1)[0]
+    found: set[str] = set()
+    parents: list[tuple[int, str]] = []  # (indent, folder) of the folders still open
+    for line in block.splitlines():
+        name = line.strip().split(" ", 1)[0]
+        if not name:
+            continue
+        indent = len(line) - len(line.lstrip())
+        while parents and parents[-1][0] >= indent:
+            parents.pop()
+        path = "/".join([folder for _, folder in parents] + [name.rstrip("/")])
+        if name.endswith("/"):
+            parents.append((indent, name.rstrip("/")))
+        found.add(path)
+    return found
+
+
+def test_the_architecture_tree_names_every_module() -> None:
+    package = ROOT / "src" / "ratelimit_svc"
+    listed = _tree_modules((DOCS / "architecture.md").read_text())
+    missing = []
+    for module in sorted(package.rglob("*.py")):
+        relative = module.relative_to(package)
+        if relative.parts[0] == "pb" or relative.name == "__init__.py":
+            continue  # generated code; a package's __init__ is named by its folder
+        folders = ["/".join(relative.parts[:i]) for i in range(1, len(relative.parts))]
+        if relative.as_posix() not in listed and not any(f in listed for f in folders[1:]):
+            missing.append(relative.as_posix())
+    assert not missing, f"docs/architecture.md's tree does not name {missing}"
+
+
+def test_the_tree_reader_sees_nesting() -> None:
+    text = "```\nsrc/ratelimit_svc/\n  a.py  x\n  b/\n    c.py  y\n    d/\n  e.py\n```\n"
+    assert _tree_modules(text) == {"a.py", "b", "b/c.py", "b/d", "e.py"}
