@@ -372,12 +372,11 @@ class RateLimitService:
                     deadline = self._deadlines.start(time_left)
                     try:
                         decision = await self.limiter.should_rate_limit(self.config(), request)
-                    except asyncio.CancelledError:
-                        if self._deadlines.finish(deadline):
+                    except BaseException as exc:
+                        # A cancellation that the deadline caused is the caller's timeout.
+                        expired = self._deadlines.finish(deadline)
+                        if expired and isinstance(exc, asyncio.CancelledError):
                             raise TimeoutError from None
-                        raise
-                    except BaseException:
-                        self._deadlines.finish(deadline)
                         raise
                     self._deadlines.finish(deadline)
             except BaseException as exc:

@@ -144,11 +144,11 @@ class EnvoyWorker:
     """A gRPC worker (WORKERS) that is an Envoy running ``WorkerApp`` embedded, linked to the
     primary by ``link``; shaped like the multiprocessing.Process the pool otherwise forks."""
 
-    def __init__(self, process: subprocess.Popen[bytes], workdir: RunDirectory) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], run: RunDirectory) -> None:
         self.process = process
         self.pid = process.pid
         self.sentinel = os.pidfd_open(process.pid)  # readable once it exits
-        self._workdir = workdir
+        self._run = run
 
     @classmethod
     def spawn(
@@ -197,7 +197,7 @@ class EnvoyWorker:
     def join(self) -> None:
         self.process.wait()
         os.close(self.sentinel)
-        self._workdir.remove()
+        self._run.remove()
 
 
 class EnvoyProcess:
@@ -213,8 +213,9 @@ class EnvoyProcess:
 
     @classmethod
     async def start(
-        cls, settings: Settings, workdir: str, secrets: SdsFiles | None, lock_fd: int
+        cls, settings: Settings, run: RunDirectory, secrets: SdsFiles | None
     ) -> EnvoyProcess:
+        workdir = run.path
         admin = os.path.join(workdir, "admin.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(admin)
@@ -226,7 +227,7 @@ class EnvoyProcess:
             process = await asyncio.create_subprocess_exec(
                 *envoy_argv(envoy_config(settings, admin, secrets=secrets), envoy_log),
                 env=env,
-                pass_fds=(theirs.fileno(), envoy_log.write_fd, lock_fd),
+                pass_fds=(theirs.fileno(), envoy_log.write_fd, run.lock_fd),
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C reaches us, and we drain it
             )  # fmt: skip
@@ -364,7 +365,7 @@ async def supervise(settings: Settings, started: Callable[[], object] | None = N
             log.error("%s", exc)
             return 1
         for attempt in range(1, START_ATTEMPTS + 1):
-            envoy = await EnvoyProcess.start(settings, workdir, secrets, run.lock_fd)
+            envoy = await EnvoyProcess.start(settings, run, secrets)
             try:
                 if stop_requested.is_set():
                     envoy.tell("stop")

@@ -31,7 +31,8 @@ class RunDirectory:
         made = tempfile.mkdtemp(prefix=f"{_NEW_PREFIX}{label}-", dir=parent)
         self._lock = os.open(made, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new: nobody else holds it
-        self.path = os.path.join(os.path.dirname(made), NAME_PREFIX + made.rsplit(_NEW_PREFIX)[-1])
+        unique = os.path.basename(made).removeprefix(_NEW_PREFIX)
+        self.path = os.path.join(os.path.dirname(made), NAME_PREFIX + unique)
         os.rename(made, self.path)  # the lock follows the directory
 
     @property
