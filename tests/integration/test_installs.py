@@ -26,6 +26,7 @@ if str(ROOT / "scripts") not in sys.path:
     sys.path.insert(0, str(ROOT / "scripts"))
 
 import check_minimums  # noqa: E402
+from support.compiled import compiler_present  # noqa: E402
 
 INSTALL_TIMEOUT = 900  # seconds: a cold pip cache on a slow machine
 # Never in the runtime: test runners, linters, Envoy, code generators.
@@ -71,12 +72,12 @@ def docker_context(tmp_path: Path) -> Path:
     """What `docker build .` sends: only the files the Dockerfile copies (.dockerignore)."""
     context = tmp_path / "context"
     context.mkdir()
-    for name in ("requirements.lock", "pyproject.toml", "README.md", "LICENSE"):
+    for name in ("requirements.lock", "pyproject.toml", "setup.py", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, context / name)
     shutil.copy2(ROOT / "scripts" / "build_venv.sh", context / "build_venv.sh")
     shutil.copytree(
         ROOT / "src", context / "src",
-        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so", "compiled.sha256"),
     )  # fmt: skip
     return context
 
@@ -121,6 +122,16 @@ def test_image_environment_builds_and_runs(tmp_path: Path) -> None:
     )  # fmt: skip
     assert loop.returncode == 0, loop.stderr
     assert loop.stdout.strip().startswith("uvloop"), loop.stdout
+    # With a C compiler (the image's build stage has one) the request path runs compiled.
+    if compiler_present():
+        where = subprocess.run(
+            [venv / "bin" / "python", "-c",
+             "import ratelimit_svc.service as s, ratelimit_svc.limiter.limiter as l\n"
+             "print(s.__file__); print(l.__file__)"],
+            capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+        )  # fmt: skip
+        assert where.returncode == 0 and not where.stderr, where.stderr
+        assert all(path.endswith(".so") for path in where.stdout.split()), where.stdout
 
 
 @pytest.mark.timeout(INSTALL_TIMEOUT * 2)

@@ -12,6 +12,7 @@ import pytest
 from support.clock import FakeClock
 from support.cluster_fixtures import RedisCluster
 from support.redis_fixtures import RedisServer
+from support.stores import OpenMemoryStore
 
 from ratelimit_svc.backends import open_store
 from ratelimit_svc.backends.memory import MemoryStore
@@ -89,7 +90,7 @@ async def test_both_parts_are_sent_at_once() -> None:
     started: list[str] = []
     both_started, release = asyncio.Event(), asyncio.Event()
 
-    class Gate(MemoryStore):
+    class Gate(OpenMemoryStore):
         def __init__(self, name: str) -> None:
             super().__init__()
             self.name = name

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.clock import FakeClock
+from support.stores import OpenMemoryStore
 
 from ratelimit_svc.backends.latency import BOUNDS_MS, LatencyRecorder, TimedStore
 from ratelimit_svc.backends.memory import MemoryStore
@@ -151,7 +152,7 @@ def test_latency_keeps_only_the_last_minute_in_bounded_slots() -> None:
 
 
 async def test_timed_store_records_calls_and_backend_errors() -> None:
-    class Failing(MemoryStore):
+    class Failing(OpenMemoryStore):
         async def get(self, keys: Sequence[str]) -> list[int]:
             raise BackendError("down")
 

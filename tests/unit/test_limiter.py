@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 from support.clock import FakeClock
+from support.stores import OpenMemoryStore
 
 from ratelimit_svc.backends.memory import MemoryStore
 from ratelimit_svc.config.loader import ConfigFile, load_config
@@ -79,7 +80,7 @@ descriptors:
 """
 
 
-class CountingStore(MemoryStore):
+class CountingStore(OpenMemoryStore):
     """The memory store, recording every call the limiter makes."""
 
     def __init__(self, clock: FakeClock) -> None:

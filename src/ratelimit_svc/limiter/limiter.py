@@ -447,7 +447,10 @@ class Limiter:
         settling = self.store.settle([item.step for item in items], now_us)
         counts: tuple[list[int], list[bool] | None] = ([], None)
         if counted:  # plain fixed windows, on their own path (local cache, stop-cache option)
-            counts, results = await asyncio.gather(self._count(counted, now), settling)
+            # Its answer is a list, not the tuple typeshed says, and compiled code (setup.py)
+            # checks the type of what it awaits: awaited as Any.
+            gathering: Any = asyncio.gather(self._count(counted, now), settling)
+            counts, results = await gathering
         else:
             results = await settling
         for item, result in zip(items, results, strict=True):
