@@ -109,7 +109,10 @@ TARGETS = (
     Target("ours (pyvoy)", "service", (("GRPC_SERVER", "pyvoy"),)),
     # The same service with its compiled modules run as Python (docs/performance.md, Compiled
     # modules): what a machine without a C compiler gets.
-    Target("ours (pyvoy) as Python", "service", (("GRPC_SERVER", "pyvoy"), ("RATELIMIT_SVC_PURE", "1"))),
+    Target(
+        "ours (pyvoy) as Python", "service",
+        (("GRPC_SERVER", "pyvoy"), ("RATELIMIT_SVC_PURE", "1")),
+    ),
     Target("ours (grpcio)", "service", (("GRPC_SERVER", "grpcio"),)),
     Target("floor (grpc.aio)", "floor", (("FLOOR_SERVER", "grpcio"),)),
     Target("floor (pyvoy)", "floor", (("FLOOR_SERVER", "pyvoy"),)),

@@ -39,7 +39,8 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
 def _compiled_modules() -> dict[str, str]:
     """Module name → source path of every module with an extension built beside its source."""
     found: dict[str, str] = {}
-    for directory, _, files in os.walk(_HERE):
+    for directory, subdirectories, files in os.walk(_HERE):
+        subdirectories[:] = [d for d in subdirectories if d != "__pycache__"]
         for name in files:
             stem, dot, rest = name.partition(".")
             if dot and rest.endswith(".so") and stem + ".py" in files:
@@ -54,13 +55,16 @@ def _stale(modules: dict[str, str]) -> bool:
     """Whether the stamp is missing or names a source that changed since the build."""
     try:
         with open(os.path.join(_HERE, COMPILED_STAMP)) as f:
-            built = dict(reversed(line.split(None, 1)) for line in f.read().splitlines())
-    except (OSError, ValueError):
+            lines = f.read().splitlines()
+    except OSError:
         return True
+    built: dict[str, str] = {}
+    for line in lines:
+        digest, _, path = line.partition("  ")
+        built[path] = digest
     for source in modules.values():
-        digest = built.get(os.path.relpath(source, _HERE))
         with open(source, "rb") as f:
-            if digest != hashlib.sha256(f.read()).hexdigest():
+            if built.get(os.path.relpath(source, _HERE)) != hashlib.sha256(f.read()).hexdigest():
                 return True
     return False
 

@@ -15,7 +15,6 @@ from support.redis_fixtures import RedisServer
 from support.stores import OpenMemoryStore
 
 from ratelimit_svc.backends import open_store
-from ratelimit_svc.backends.memory import MemoryStore
 from ratelimit_svc.backends.persecond import PerSecondStore
 from ratelimit_svc.backends.redis.single import RedisStore
 from ratelimit_svc.config.loader import ConfigFile, load_config
