@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 # Written by setup.py when it compiles: "<sha256 of the source>  <path under the package>" per line.
 COMPILED_STAMP = "compiled.sha256"
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_EXTENSIONS = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 
 
 class _SourceFirst(importlib.abc.MetaPathFinder):
@@ -42,8 +43,8 @@ def _compiled_modules() -> dict[str, str]:
     for directory, subdirectories, files in os.walk(_HERE):
         subdirectories[:] = [d for d in subdirectories if d != "__pycache__"]
         for name in files:
-            stem, dot, rest = name.partition(".")
-            if dot and rest.endswith(".so") and stem + ".py" in files:
+            stem = name.partition(".")[0]
+            if name.endswith(_EXTENSIONS) and stem + ".py" in files:
                 relative = os.path.relpath(os.path.join(directory, stem), _HERE)
                 found[".".join([__name__, *relative.split(os.sep)])] = os.path.join(
                     directory, stem + ".py"
