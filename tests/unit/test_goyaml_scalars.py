@@ -179,3 +179,11 @@ def test_the_loader_tags_every_plain_scalar_as_resolve_plain_does() -> None:
     assert {goyaml.BOOL, goyaml.NULL, goyaml.INT, goyaml.FLOAT, goyaml.TIMESTAMP, goyaml.MERGE} < {
         item.tag for item in node.value
     }
+
+
+@pytest.mark.parametrize("cls", [goyaml.Loader, goyaml.Dumper])
+def test_the_loader_and_dumper_have_no_path_resolvers(cls: type) -> None:
+    # Their path hooks do nothing (config/goyaml.py): a path resolver added would not apply.
+    assert not cls.yaml_path_resolvers
+    assert cls.descend_resolver(None, None) is not None  # callable with the composer's arguments
+    assert cls.ascend_resolver() is not None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ratelimit_svc.config.rules import Algorithm, Node, Rule, Unit, wildcard_pattern
@@ -33,24 +33,28 @@ _NO_NAMES: frozenset[str] = frozenset()
 Locate = Callable[[Any, str], str]
 
 
+# The YAML loader makes one ParsedLimit and one ParsedDescriptor per descriptor of a file, by
+# position: keyword arguments cost about as much again as the object (docs/reliability.md, "Where
+# the time goes"), so the fields it always gives come first, in the order it has them.
 @dataclass(slots=True)
 class ParsedLimit:
     node: Any  # the source's handle on it (a YAML node; None from xDS), for error locations
+    # where the limit is ("": ``<descriptor>.rate_limit``)
+    path: str
     unit: str
     requests_per_unit: int
     unlimited: bool
     name: str
     replaces: list[str]
-    # docs/algorithms.md. ``path`` is where the limit is ("" : ``<descriptor>.rate_limit``);
-    # the ``*_node`` fields are the source's handles on each field, for error locations.
-    path: str = ""
+    in_list: bool  # written as an element of a list of limits
+    # docs/algorithms.md. The ``*_node`` fields are the source's handles on each field, for
+    # error locations.
     algorithm: str = ""
     algorithm_node: Any = None
     burst: int | None = None
     burst_node: Any = None
     unit_multiplier: int | None = None
     multiplier_node: Any = None
-    in_list: bool = False  # written as an element of a list of limits
 
 
 @dataclass(slots=True)
@@ -60,6 +64,9 @@ class ParsedDescriptor:
     key: str
     value: str
     rate_limit: ParsedLimit | None
+    # docs/algorithms.md: further limits (``rate_limit`` is then the first of a list).
+    more_limits: list[ParsedLimit]
+    charge_only_when_admitted: bool
     shadow_mode: bool
     quota_mode: bool
     detailed_metric: bool
@@ -67,9 +74,6 @@ class ParsedDescriptor:
     share_threshold: bool
     metadata: dict[str, Any] | None
     children: list[ParsedDescriptor]
-    # docs/algorithms.md: further limits (``rate_limit`` is then the first of a list).
-    more_limits: list[ParsedLimit] = field(default_factory=list)
-    charge_only_when_admitted: bool = False
 
 
 class Builder:
@@ -134,13 +138,10 @@ class Builder:
                     d.node,
                     d.path,
                 )
+            # Positional, with its own empty children: keywords and the default factories cost
+            # a quarter more per node (docs/reliability.md, "Where the time goes").
             node = Node(
-                key=d.key,
-                value=d.value,
-                composite=composite,
-                rule=rule,
-                value_to_metric=d.value_to_metric,
-                share_threshold=d.share_threshold,
+                d.key, d.value, composite, rule, {}, [], d.value_to_metric, d.share_threshold
             )
             if d.children:
                 self.add_descriptors(node, stats_key + ".", d.children)
@@ -215,22 +216,24 @@ class Builder:
             or self.fixed_windows_only
         ):  # else none of these checks applies (one unit is never longer than 10 years)
             self.check_algorithm_fields(d, limit, algorithm, unit, path)
+        # Positional, in the order of Rule's fields: matching 15 keywords cost a fifth of making
+        # the rule (docs/reliability.md, "Where the time goes").
         return Rule(
-            requests_per_unit=limit.requests_per_unit,
-            unit=unit,
-            stats_key=stats_key,
-            name=limit.name,
-            replaces=frozenset(limit.replaces) if limit.replaces else _NO_NAMES,
-            unlimited=limit.unlimited,
-            shadow_mode=d.shadow_mode,
-            quota_mode=d.quota_mode,
-            detailed_metric=d.detailed_metric,
-            metadata=d.metadata,
-            algorithm=algorithm,
-            unit_multiplier=1 if limit.unit_multiplier is None else limit.unit_multiplier,
-            burst=limit.burst or 0,
-            charge_only_when_admitted=d.charge_only_when_admitted,
-            stats_suffix=suffix,
+            limit.requests_per_unit,
+            unit,
+            stats_key,
+            limit.name,
+            frozenset(limit.replaces) if limit.replaces else _NO_NAMES,
+            limit.unlimited,
+            d.shadow_mode,
+            d.quota_mode,
+            d.detailed_metric,
+            d.metadata,
+            algorithm,
+            1 if limit.unit_multiplier is None else limit.unit_multiplier,  # unit_multiplier
+            limit.burst or 0,  # burst
+            d.charge_only_when_admitted,
+            suffix,  # stats_suffix
         )
 
     def algorithm(self, limit: ParsedLimit, path: str) -> Algorithm:

@@ -16,9 +16,10 @@ import base64
 import datetime
 import functools
 import math
+import operator
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -51,6 +52,7 @@ TIMESTAMP = "tag:yaml.org,2002:timestamp"
 MERGE = "tag:yaml.org,2002:merge"
 BINARY = "tag:yaml.org,2002:binary"
 
+_Base = TypeVar("_Base")
 _INT64 = (-(2**63), 2**63 - 1)
 _UINT64_MAX = 2**64 - 1
 
@@ -161,20 +163,15 @@ def resolve_plain(text: str) -> str:
     return STR
 
 
-class _GoResolver:
-    """Scalar resolution by go-yaml v2's rules; collections keep PyYAML's default tags."""
-
-    def resolve(self, kind: type[yaml.Node], value: Any, implicit: tuple[bool, bool]) -> str:
-        return _resolve(kind, value, implicit)
-
-
 # The first characters of the plain scalars ``resolve_plain`` can read as other than a string
 # (its words, numbers, ``.5``): any other plain scalar is a string without asking it.
 _NOT_ONLY_TEXT = frozenset(word[0] for word in _WORDS if word) | frozenset("0123456789+-.")
 _resolve_plain = functools.lru_cache(maxsize=4096)(resolve_plain)  # files repeat their numbers
 
 
-def _resolve(kind: type[yaml.Node], value: Any, implicit: tuple[bool, bool]) -> str:
+def _resolve(kind: type[yaml.Node], value: Any, implicit: Any) -> str:
+    """Scalar resolution by go-yaml v2's rules; collections keep PyYAML's default tags.
+    ``implicit`` is (plain, quoted) for a scalar and one bool for a collection."""
     # The composer asks once per node: most are keys and names, strings by their first letter.
     if kind is yaml.ScalarNode:
         if implicit[0] and (not value or value[0] in _NOT_ONLY_TEXT):
@@ -183,22 +180,47 @@ def _resolve(kind: type[yaml.Node], value: Any, implicit: tuple[bool, bool]) -> 
     return "tag:yaml.org,2002:seq" if kind is yaml.SequenceNode else "tag:yaml.org,2002:map"
 
 
-_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+def _go_scalars(name: str, base: type[_Base], doc: str) -> type[_Base]:
+    """A subclass of ``base`` whose ``resolve`` is ``_resolve``, the module function itself (no
+    method lookup per node). Made with ``type``, not a class statement: where this module is
+    compiled (mypyc) a class statement would make a native class, which cannot extend PyYAML's
+    C parser.
+
+    The composer also calls ``descend_resolver(parent, index)`` and ``ascend_resolver()`` around
+    every node, to track the path for PyYAML's path resolvers (``add_path_resolver``), which
+    ``_resolve`` does not use and these classes never have. Two C callables that take those
+    arguments and change nothing stand in for PyYAML's Python methods: 0.02 s less per 10,000
+    descriptors (docs/reliability.md, "Where the time goes")."""
+    made: type[_Base] = type(
+        name,
+        (base,),
+        {
+            "resolve": staticmethod(_resolve),
+            "descend_resolver": staticmethod(operator.is_),
+            "ascend_resolver": staticmethod(tuple),
+            "__doc__": doc,
+            "__module__": __name__,
+        },
+    )
+    return made
 
 
-class Loader(_GoResolver, _BaseLoader):  # type: ignore[misc,valid-type]
+_C_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+Loader = _go_scalars(
+    "Loader",
+    _C_LOADER,
     """Composes YAML with go-yaml v2's scalar tags (libyaml's parser when present).
 
-    The composer asks once per node; the answer is the module function itself (no method
-    lookup), which sees most scalars (keys, names: strings by their first letter) in a few
-    operations. Caching whole answers did not pay: a big file's names are all distinct."""
-
-    resolve = staticmethod(_resolve)
-
-
-class Dumper(_GoResolver, yaml.SafeDumper):
+    The composer asks once per node, and most scalars (keys, names: strings by their first
+    letter) are answered in a few operations. Caching whole answers did not pay: a big file's
+    names are all distinct.""",
+)
+Dumper = _go_scalars(
+    "Dumper",
+    yaml.SafeDumper,
     """Dumps so that ``Loader`` reads every string back as a string: a string that go-yaml
-    would read as a boolean, number or null (``y``, ``0o17``, ``1e3``) is quoted."""
+    would read as a boolean, number or null (``y``, ``0o17``, ``1e3``) is quoted.""",
+)
 
 
 class MergeError(ValueError):

@@ -436,24 +436,14 @@ class _Loader:
             if not _FLAG_SET.isdisjoint(fields)
             else _NO_FLAGS
         )
-        return ParsedDescriptor(
-            node=node,
-            path=path,
-            key=key,
-            value=value,
-            rate_limit=limits[0] if limits else None,
-            more_limits=limits[1:],
-            charge_only_when_admitted=flags[0],
-            shadow_mode=flags[1],
-            quota_mode=flags[2],
-            detailed_metric=flags[3],
-            value_to_metric=flags[4],
-            share_threshold=flags[5],
-            metadata=self.free_form(get("metadata"), path, "metadata")
-            if "metadata" in fields
-            else None,
-            children=children,
+        metadata = (
+            self.free_form(get("metadata"), path, "metadata") if "metadata" in fields else None
         )
+        # By position (config/build.py); the flags are in the fields' order.
+        return ParsedDescriptor(
+            node, path, key, value, limits[0] if limits else None, limits[1:],
+            flags[0], flags[1], flags[2], flags[3], flags[4], flags[5], metadata, children,
+        )  # fmt: skip
 
     def parse_limit(self, node: yaml.Node, rl_path: str, *, in_list: bool = False) -> ParsedLimit:
         rl = self.mapping(node, rl_path)
@@ -466,10 +456,7 @@ class _Loader:
         unit = self.text(get("unit"), rl_path, "unit")
         requests_per_unit = self.uint32(get("requests_per_unit"), rl_path, "requests_per_unit")
         if _RARE_LIMIT_KEYS.isdisjoint(rl):  # the usual limit: a unit and a number
-            return ParsedLimit(
-                node=node, path=rl_path, unit=unit, requests_per_unit=requests_per_unit,
-                unlimited=False, name="", replaces=replaces, in_list=in_list,
-            )  # fmt: skip
+            return ParsedLimit(node, rl_path, unit, requests_per_unit, False, "", replaces, in_list)
         return ParsedLimit(
             node=node,
             path=rl_path,

@@ -128,6 +128,7 @@ def _limit(policy: Any, *, in_list: bool = False) -> ParsedLimit:
         unit = str(policy.unit)
     return ParsedLimit(
         node=None,
+        path="",
         unit=unit,
         requests_per_unit=policy.requests_per_unit,
         unlimited=policy.unlimited,
