@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import yaml
+from yaml import MappingNode, ScalarNode, SequenceNode
 
 from ratelimit_svc.config import goyaml
 from ratelimit_svc.config.build import Builder, ParsedDescriptor, ParsedLimit
@@ -128,7 +129,7 @@ def _check_shape(name: str, document: yaml.Node | None, *, anchors: bool = True)
     is no alias either, so no node can be seen twice."""
     stack: list[tuple[yaml.Node, int]] = [(document, 1)] if document is not None else []
     push, pop = stack.append, stack.pop
-    mapping_node, sequence_node, scalar_node = yaml.MappingNode, yaml.SequenceNode, yaml.ScalarNode
+    mapping_node, sequence_node, scalar_node = MappingNode, SequenceNode, ScalarNode
     merge = goyaml.MERGE
     seen: set[int] = set()
     alias_visits = 0
@@ -188,22 +189,22 @@ def _json_like(value: Any, path: str) -> Any:
     raise ValueError(f"{path}: a {kind} value ({value!r:.40}) cannot be dynamic metadata")
 
 
-def _is_token_bucket(mapping: yaml.MappingNode) -> bool:
+def _is_token_bucket(mapping: MappingNode) -> bool:
     return any(
-        isinstance(k, yaml.ScalarNode) and k.value == "algorithm"
-        and isinstance(v, yaml.ScalarNode) and v.value == "token_bucket"
+        isinstance(k, ScalarNode) and k.value == "algorithm"
+        and isinstance(v, ScalarNode) and v.value == "token_bucket"
         for k, v in mapping.value
     )
 
 
 def _fits_go_int(node: yaml.Node) -> bool:
     """An integer go-yaml decodes as Go's ``int`` (not ``uint64``), as the key check demands."""
-    number = goyaml.go_int(node.value) if isinstance(node, yaml.ScalarNode) else None
+    number = goyaml.go_int(node.value) if isinstance(node, ScalarNode) else None
     return number is not None and number <= _INT64_MAX
 
 
 def _is_null(node: yaml.Node | None) -> bool:
-    return node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL)
+    return node is None or (isinstance(node, ScalarNode) and node.tag == _NULL)
 
 
 def _parser_message(exc: yaml.YAMLError) -> str:
@@ -233,9 +234,9 @@ def _where(node: yaml.Node | None, path: str) -> str:
 
 def _go_format(node: yaml.Node) -> str:
     """Render a YAML node roughly as Go's %v renders the decoded value."""
-    if isinstance(node, yaml.ScalarNode):
+    if isinstance(node, ScalarNode):
         return str(node.value)
-    if isinstance(node, yaml.SequenceNode):
+    if isinstance(node, SequenceNode):
         return "[" + " ".join(_go_format(item) for item in node.value) + "]"
     pairs = " ".join(f"{_go_format(k)}:{_go_format(v)}" for k, v in node.value)
     return f"map[{pairs}]"
@@ -258,11 +259,11 @@ class _Loader:
 
     # -- step 2: key check over the whole tree --------------------------------------------------
 
-    def check_keys(self, node: yaml.MappingNode, path: str) -> None:
+    def check_keys(self, node: MappingNode, path: str) -> None:
         # Sees every pair of the document: the plain string value (most of them) costs one
         # compare, and a pair's path is only made for a collection below it or an error.
         for key_node, value_node in node.value:
-            if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag == _STR):
+            if not (isinstance(key_node, ScalarNode) and key_node.tag == _STR):
                 raise self.error(
                     f"config error, key is not of type string: {_go_format(key_node)}",
                     key_node,
@@ -282,12 +283,12 @@ class _Loader:
             if key == "metadata":
                 continue  # free-form; returned as-is in dynamic metadata
             tag = value_node.tag
-            if tag == _STR and isinstance(value_node, yaml.ScalarNode):
+            if tag == _STR and isinstance(value_node, ScalarNode):
                 continue
             child_path = f"{path}.{key}" if path else key
-            if isinstance(value_node, yaml.SequenceNode):
+            if isinstance(value_node, SequenceNode):
                 for index, element in enumerate(value_node.value):
-                    if not isinstance(element, yaml.MappingNode):
+                    if not isinstance(element, MappingNode):
                         raise self.error(
                             "config error, yaml file contains list of type other than map: "
                             f"{_go_format(element)}",
@@ -295,7 +296,7 @@ class _Loader:
                             f"{child_path}[{index}]",
                         )
                     self.check_keys(element, f"{child_path}[{index}]")
-            elif isinstance(value_node, yaml.MappingNode):
+            elif isinstance(value_node, MappingNode):
                 self.check_keys(value_node, child_path)
             elif tag == _INT and goyaml.go_int(value_node.value) is None:
                 raise self.error(  # an explicit `!!int 0x`
@@ -310,10 +311,10 @@ class _Loader:
     # -- step 3: types ---------------------------------------------------------------------------
 
     def type_error(self, node: yaml.Node, path: str, expected: str) -> ConfigError:
-        kind = node.tag.rsplit(":", 1)[-1] if isinstance(node, yaml.ScalarNode) else (
-            "seq" if isinstance(node, yaml.SequenceNode) else "map"
+        kind = node.tag.rsplit(":", 1)[-1] if isinstance(node, ScalarNode) else (
+            "seq" if isinstance(node, SequenceNode) else "map"
         )
-        shown = f" `{node.value}`" if isinstance(node, yaml.ScalarNode) else ""
+        shown = f" `{node.value}`" if isinstance(node, ScalarNode) else ""
         line = node.start_mark.line + 1
         return ConfigError(
             f"{self.name}: error loading config file: line {line}: cannot unmarshal "
@@ -321,11 +322,11 @@ class _Loader:
         )
 
     def text(self, node: yaml.Node | None, path: str, name: str = "") -> str:
-        if node is not None and node.tag == _STR and isinstance(node, yaml.ScalarNode):
+        if node is not None and node.tag == _STR and isinstance(node, ScalarNode):
             return str(node.value)  # the usual case, first
-        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+        if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL):
             return ""
-        if not isinstance(node, yaml.ScalarNode):
+        if not isinstance(node, ScalarNode):
             raise self.type_error(node, _at(path, name), "string")
         try:
             return goyaml.go_text(node)
@@ -333,40 +334,40 @@ class _Loader:
             raise self.error(f"error loading config file: {exc}", node, _at(path, name)) from None
 
     def boolean(self, node: yaml.Node | None, path: str, name: str = "") -> bool:
-        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+        if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL):
             return False
-        value = goyaml.go_bool(node.value) if isinstance(node, yaml.ScalarNode) else None
+        value = goyaml.go_bool(node.value) if isinstance(node, ScalarNode) else None
         if node.tag != _BOOL or value is None:  # `!!bool maybe` too
             raise self.type_error(node, _at(path, name), "bool")
         return value
 
     def uint32(self, node: yaml.Node | None, path: str, name: str = "") -> int:
-        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+        if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL):
             return 0
-        if isinstance(node, yaml.ScalarNode) and node.tag == _INT:
+        if isinstance(node, ScalarNode) and node.tag == _INT:
             number = goyaml.go_int(node.value)  # None: `!!int 0x`
             if number is not None and 0 <= number <= _UINT32_MAX:
                 return number
         raise self.type_error(node, _at(path, name), "uint32")
 
     def mapping(self, node: yaml.Node | None, path: str, name: str = "") -> dict[str, yaml.Node]:
-        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+        if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL):
             return {}
-        if not isinstance(node, yaml.MappingNode):
+        if not isinstance(node, MappingNode):
             raise self.type_error(node, _at(path, name), "map")
         return {k.value: v for k, v in node.value}
 
     def sequence(self, node: yaml.Node | None, path: str, name: str = "") -> list[yaml.Node]:
-        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+        if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL):
             return []
-        if not isinstance(node, yaml.SequenceNode):
+        if not isinstance(node, SequenceNode):
             raise self.type_error(node, _at(path, name), "list")
         return list(node.value)
 
     def free_form(self, node: yaml.Node | None, path: str, name: str = "") -> dict[str, Any] | None:
-        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL):
+        if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL):
             return None
-        if not isinstance(node, yaml.MappingNode):
+        if not isinstance(node, MappingNode):
             raise self.type_error(node, _at(path, name), "map")
         try:
             value = goyaml.go_value(node)
@@ -386,7 +387,7 @@ class _Loader:
 
     def load(self) -> None:
         document = self.document
-        if document is not None and not isinstance(document, yaml.MappingNode):
+        if document is not None and not isinstance(document, MappingNode):
             raise self.type_error(document, "document root", "map")
         if document is not None:
             self.check_keys(document, "")
@@ -411,7 +412,7 @@ class _Loader:
         rl_node = get("rate_limit")
         if rl_node is not None and not _is_null(rl_node):
             rl_path = f"{path}.rate_limit"
-            if isinstance(rl_node, yaml.SequenceNode):  # a list of limits (docs/algorithms.md)
+            if isinstance(rl_node, SequenceNode):  # a list of limits (docs/algorithms.md)
                 limits = [
                     self.parse_limit(item, f"{rl_path}[{i}]", in_list=True)
                     for i, item in enumerate(rl_node.value)
