@@ -1,8 +1,8 @@
 """Process hygiene (docs/reliability.md), on real service processes: the open-file limit is
 raised at startup, SIGHUP drains like SIGTERM, SIGUSR1 logs a status line and SIGUSR2 changes
 nothing (also sent to a whole WORKERS=2 process group: the fork server and the workers survive;
-the signal tests on both gRPC transports, docs/transports.md), and idle HTTP connections are
-closed after HTTP_IDLE_TIMEOUT."""
+the signal tests on both gRPC transports, docs/transports.md), idle HTTP connections are
+closed after HTTP_IDLE_TIMEOUT, and a killed service leaves no Envoy running."""
 
 from __future__ import annotations
 
@@ -144,3 +144,43 @@ async def test_idle_http_connections_are_closed(tmp_path: Path, after_a_request:
         writer.close()
     finally:
         assert await stop(service) == 0
+
+
+def envoy_child(pid: int) -> int | None:
+    """The Envoy the service (pyvoy) started, once it has."""
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        for child in (thread / "children").read_text().split():
+            if Path(f"/proc/{child}/comm").read_text().strip() == "envoy":
+                return int(child)
+    return None
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_a_killed_service_leaves_no_envoy_even_with_its_lines_unread(tmp_path: Path) -> None:
+    """SIGKILL of the service while Envoy's app has told it things it has not read yet (it is
+    stopped): the kernel resets the control socket instead of closing it, and Envoy, which nobody
+    will stop now, stops itself. It used to keep running, orphaned, for ever."""
+    env, _ = config_dir_env(tmp_path)
+    service = await ServiceProcess.spawn(base_env(**env, GRPC_SERVER="pyvoy"))
+    envoy = None
+    try:
+        async with asyncio.timeout(30):
+            while (envoy := envoy_child(service.process.pid)) is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        service.process.send_signal(signal.SIGSTOP)  # reads nothing from now on
+        await service.wait_for_line("Listening for debug")  # Envoy's app has started...
+        await asyncio.sleep(1)  # ...and said so to the stopped service
+        service.process.kill()
+        async with asyncio.timeout(30):
+            while running(envoy):  # noqa: ASYNC110 (not our child: nothing to wait on)
+                await asyncio.sleep(0.1)
+    finally:
+        if envoy is not None and running(envoy):  # the failure: do not leave it behind too
+            os.kill(envoy, signal.SIGKILL)
+        await service.kill()

@@ -226,7 +226,10 @@ class Embedded:
         buffer = b""
         while True:
             while b"\n" not in buffer:
-                data = await loop.sock_recv(self.control, 64)
+                try:
+                    data = await loop.sock_recv(self.control, 64)
+                except OSError:  # reset: it died with our lines unread (a SIGKILL)
+                    data = b""
                 if not data:
                     return False
                 buffer += data
