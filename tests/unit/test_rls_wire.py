@@ -91,8 +91,9 @@ def test_the_common_request_is_read() -> None:
 
 
 rules = st.builds(
-    Rule,
+    lambda requests_per_unit, unit, name, stats_key: Rule(requests_per_unit, unit, stats_key, name),
     requests_per_unit=uint32,
+    stats_key=st.text(),
     unit=st.sampled_from(list(Unit)),
     name=st.sampled_from(["", "named", "ünï"]),
 )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from ratelimit_svc.config.loader import ConfigFile, load_config
 from ratelimit_svc.config.rules import Node, RateLimitConfig
 from ratelimit_svc.config.snapshot import SLICE_NODES, decode, encode, release
@@ -85,3 +87,31 @@ async def test_decoding_and_releasing_a_big_tree_let_the_loop_run() -> None:
     assert turns - before >= 5
     done.set()
     await task
+
+
+async def test_rules_and_nodes_stay_immutable_and_cross_processes_whole() -> None:
+    config = load_config(
+        [
+            ConfigFile(
+                "r.yaml",
+                RULES
+                + "  - key: listed\n    rate_limit:\n"
+                + "      - {unit: minute, requests_per_unit: 10}\n"
+                + "      - {unit: hour, requests_per_unit: 100}\n",
+            )
+        ]
+    )
+    copy = await decode(encode(config))
+    assert copy is not None
+    listed = copy.domains["b"].children["listed"].rule
+    assert listed is not None and not listed.classic and len(listed.limits) == 2
+    assert listed == config.domains["b"].children["listed"].rule
+    plain = copy.domains["a"].children["k_exact"].rule
+    assert plain is not None and plain.classic
+    node = copy.domains["a"].children["k_exact"]
+    for target, name in ((plain, "requests_per_unit"), (node, "rule"), (node, "children")):
+        with pytest.raises(AttributeError):
+            setattr(target, name, None)
+    # Nodes are places in the tree: equal only to themselves, hashable by identity.
+    twin = config.domains["a"].children["k_exact"]
+    assert node != twin and node == node and len({node, twin}) == 2

@@ -6,12 +6,11 @@ place an error points at differs (a line and path in a file, a path in an xDS re
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ratelimit_svc.config.rules import Algorithm, Node, Rule, Unit, wildcard_pattern
+from ratelimit_svc.config.rules import Algorithm, Node, Rule, Unit, new_node, wildcard_pattern
 from ratelimit_svc.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -112,7 +111,7 @@ class Builder:
         if root is not None and not self.merge:
             raise self.error(f"duplicate domain '{domain}' in config file", domain_node, "domain")
         if root is None:
-            root = Node(key="", value="", composite="")
+            root = Node.root()
             self.domains[domain] = root
         self.add_descriptors(root, domain + ".", descriptors)
 
@@ -138,10 +137,10 @@ class Builder:
                     d.node,
                     d.path,
                 )
-            # Positional, with its own empty children: keywords and the default factories cost
-            # a quarter more per node (docs/reliability.md, "Where the time goes").
-            node = Node(
-                d.key, d.value, composite, rule, {}, [], d.value_to_metric, d.share_threshold
+            # Its fields in order, with its own empty children, in one C call (docs/reliability.md,
+            # "Where the time goes").
+            node = new_node(
+                (d.key, d.value, composite, rule, {}, [], d.value_to_metric, d.share_threshold)
             )
             if d.children:
                 self.add_descriptors(node, stats_key + ".", d.children)
@@ -185,7 +184,7 @@ class Builder:
                     limit.path,
                 )
             seen[window] = limit.path
-        return dataclasses.replace(rules[0], more=tuple(rules[1:]))
+        return rules[0].with_more(tuple(rules[1:]))
 
     def build_limit(
         self, d: ParsedDescriptor, limit: ParsedLimit, stats_key: str, suffix: str

@@ -7,11 +7,11 @@ reload swaps one reference, and every in-flight request keeps the snapshot it st
 from __future__ import annotations
 
 import enum
-import operator
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple, cast
 
 
 class Unit(enum.IntEnum):
@@ -63,10 +63,7 @@ _KEY_TAGS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """A limit attached to a descriptor node (or built from a request's limit override)."""
-
+class _RuleFields(NamedTuple):
     requests_per_unit: int
     unit: Unit
     stats_key: str
@@ -85,33 +82,75 @@ class Rule:
     charge_only_when_admitted: bool = False
     stats_suffix: str = ""  # appended to the stats key (each limit of a list has its own)
     more: tuple[Rule, ...] = ()  # the further limits of a list (this rule is the first)
+    # Counted as the reference counts: one fixed window of one unit, the reference's key. Derived
+    # from the fields above when the rule is made, because the limiter asks for every descriptor
+    # of every request.
+    classic: bool = True
+
+
+class Rule(_RuleFields):
+    """A limit attached to a descriptor node (or built from a request's limit override).
+
+    Immutable, and a named tuple rather than a frozen dataclass: a frozen dataclass sets each
+    field through ``object.__setattr__`` when it is made, about seven times the cost of making
+    this tuple, and every rule of a config is made twice per load (built in the load process,
+    rebuilt by the serving process, docs/reliability.md). Two rules are equal when every field
+    is.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        requests_per_unit: int,
+        unit: Unit,
+        stats_key: str,
+        name: str = "",
+        replaces: frozenset[str] = frozenset(),
+        unlimited: bool = False,
+        shadow_mode: bool = False,
+        quota_mode: bool = False,
+        detailed_metric: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+        algorithm: Algorithm = Algorithm.FIXED_WINDOW,
+        unit_multiplier: int = 1,
+        burst: int = 0,
+        charge_only_when_admitted: bool = False,
+        stats_suffix: str = "",
+        more: tuple[Rule, ...] = (),
+    ) -> Rule:
+        classic = (
+            algorithm is Algorithm.FIXED_WINDOW
+            and unit_multiplier == 1
+            and not more
+            and not charge_only_when_admitted
+        )
+        return _new_tuple(
+            cls,
+            (
+                requests_per_unit, unit, stats_key, name, replaces, unlimited, shadow_mode,
+                quota_mode, detailed_metric, metadata, algorithm, unit_multiplier, burst,
+                charge_only_when_admitted, stats_suffix, more, classic,
+            ),
+        )  # fmt: skip
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Every rule of a config crosses between processes on each load (config/snapshot.py):
+        # unpickled as one C call with its fields as they are (``classic`` included), not
+        # through ``__new__``'s arguments.
+        return (_new_tuple, (Rule, tuple(self)))
+
+    def with_more(self, more: tuple[Rule, ...]) -> Rule:
+        """This rule as the first limit of a list whose further limits are ``more``."""
+        return self._replace(more=more, classic=self.classic and not more)
 
     @property
     def window_seconds(self) -> int:
         return self.unit.seconds * self.unit_multiplier
 
-    # Counted as the reference counts: one fixed window of one unit, the reference's key. Kept
-    # as a field (set once here) because the limiter asks for every descriptor of every request.
-    classic: bool = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        classic = (
-            self.algorithm is Algorithm.FIXED_WINDOW
-            and self.unit_multiplier == 1
-            and not self.more
-            and not self.charge_only_when_admitted
-        )
-        object.__setattr__(self, "classic", classic)
-
     @property
     def limits(self) -> tuple[Rule, ...]:
         return (self, *self.more)
-
-    def __reduce__(self) -> tuple[type[Rule], tuple[Any, ...]]:
-        # Pickled as its constructor's arguments: every rule of a config crosses between
-        # processes on each load (config/snapshot.py), and this is half the work of the
-        # dataclass's own field-by-field state.
-        return (Rule, _rule_arguments(self))
 
     def describe(self) -> str:
         """One limit in words for /rlconfig: ``10 per 5 minute, sliding_window``."""
@@ -123,26 +162,50 @@ class Rule:
         return text
 
 
-_rule_arguments = operator.attrgetter(*(f.name for f in fields(Rule) if f.init))
+_new_tuple = tuple.__new__
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class Node:
-    """One descriptor of the tree. ``children`` holds exact children by composite key (``k`` or
-    ``k_v``); ``wildcards`` holds, in config order, the children whose value contains ``*``."""
-
+class _NodeFields(NamedTuple):
     key: str
     value: str
     composite: str
-    rule: Rule | None = None
-    children: dict[str, Node] = field(default_factory=dict)
-    wildcards: list[tuple[re.Pattern[str], Node]] = field(default_factory=list)
+    rule: Rule | None
+    children: dict[str, Node]
+    wildcards: list[tuple[re.Pattern[str], Node]]
     value_to_metric: bool = False
     share_threshold: bool = False
+
+
+class Node(_NodeFields):
+    """One descriptor of the tree. ``children`` holds exact children by composite key (``k`` or
+    ``k_v``); ``wildcards`` holds, in config order, the children whose value contains ``*``.
+
+    A named tuple, as ``Rule`` (made twice per load, each node), but compared and hashed by
+    identity: two nodes with the same fields are still two places in the tree. Its children are
+    filled in while the tree is built; nothing changes a node once its config is adopted.
+    """
+
+    __slots__ = ()
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__
+
+    @classmethod
+    def root(cls) -> Node:
+        """A domain's root: no key, no rule, children to come."""
+        return new_node(("", "", "", None, {}, [], False, False))
 
     @property
     def has_children(self) -> bool:
         return bool(self.children)
+
+
+# A node from its fields in order (key, value, composite, rule, children, wildcards,
+# value_to_metric, share_threshold): one C call, half the cost of ``Node(...)``.
+new_node = cast(
+    Callable[[tuple[str, str, str, Rule | None, dict[str, Node], list[Any], bool, bool]], Node],
+    partial(_new_tuple, Node),
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from ratelimit_svc.config.rules import Node, RateLimitConfig
+from ratelimit_svc.config.rules import Node, RateLimitConfig, new_node
 
 SLICE_NODES = 1000  # about 5 ms of decoding (up to 25 on a busy machine; make bench-reload)
 # Idle time between slices: gRPC's completion-queue thread needs the GIL to hand each call event
@@ -101,8 +101,7 @@ async def decode(data: bytes) -> RateLimitConfig | None:
             for parent, key, value, composite, rule, to_metric, share, pattern in pickle.loads(
                 piece
             ):
-                # Positional, with its own empty children: the quickest way to make a Node.
-                node = Node(key, value, composite, rule, {}, [], to_metric, share)
+                node = new_node((key, value, composite, rule, {}, [], to_metric, share))
                 nodes.append(node)
                 if isinstance(parent, str):
                     domains[parent] = node
