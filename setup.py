@@ -78,6 +78,11 @@ def extensions() -> list[object]:
     config = os.path.join(build, "mypy.ini")
     with open(config, "w") as f:
         f.write("[mypy]\nignore_missing_imports = True\nfollow_imports = silent\n")
+    # The shared library of a former list of modules is named after that list: not imported by
+    # anything once the list changes, so not left behind beside the new one.
+    for name in os.listdir(os.path.join(here, "src")):
+        if "__mypyc." in name:
+            os.remove(os.path.join(here, "src", name))
     os.chdir(os.path.join(here, "src"))  # module names follow from paths relative to src/
     try:
         made = list(mypycify(["--config-file", config, *COMPILED], opt_level="3", target_dir=build))
