@@ -74,14 +74,14 @@ def _check_compiled() -> None:
     modules = _compiled_modules()
     if not modules:
         return
-    if os.environ.get("RATELIMIT_SVC_PURE") == "1":  # asked for: the Python, silently
-        sys.meta_path.insert(0, _SourceFirst(modules))
-    elif _stale(modules):
-        sys.meta_path.insert(0, _SourceFirst(modules))
+    pure = os.environ.get("RATELIMIT_SVC_PURE") == "1"  # asked for: the Python, silently
+    if not pure and not _stale(modules):
+        return
+    sys.meta_path.insert(0, _SourceFirst(modules))
+    if not pure:
         logging.getLogger(__name__).warning(
             "the compiled modules were not built from the sources beside them: running them as "
             "Python (rebuild with `make setup` or `pip install -e .`)"
         )
-
 
 _check_compiled()
