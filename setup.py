@@ -30,6 +30,16 @@ COMPILED = [
     "ratelimit_svc/backends/latency.py",
     "ratelimit_svc/stats/registry.py",
     "ratelimit_svc/workers/aggregation.py",  # a subclass of registry.MemoryStats
+    "ratelimit_svc/backends/breaker.py",
+    "ratelimit_svc/backends/persecond.py",
+    "ratelimit_svc/backends/redis/protocol.py",
+    "ratelimit_svc/backends/redis/client.py",
+    "ratelimit_svc/backends/redis/connection.py",
+    "ratelimit_svc/backends/redis/pipelining.py",
+    "ratelimit_svc/backends/redis/scripts.py",
+    "ratelimit_svc/backends/redis/single.py",
+    "ratelimit_svc/backends/redis/cluster.py",
+    "ratelimit_svc/backends/redis/sentinel.py",
 ]
 
 # The setup.py commands that only describe the package.

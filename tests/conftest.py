@@ -1,5 +1,5 @@
-"""Fixtures for every tier, registered as plugins (no re-exports): the fake clock and the real
-servers (tests/support). Tiers: tests/unit (no processes, no network sockets; `make test-unit`),
+"""Fixtures for every tier, registered as plugins (no re-exports): the fake clock, the real
+servers and what the process does on its sockets (tests/support). Tiers: tests/unit (no processes, no network sockets; `make test-unit`),
 tests/integration (real Redis, memcached, service processes), tests/e2e (the real Envoy)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ pytest_plugins = [
     "support.redis_fixtures",
     "support.cluster_fixtures",
     "support.memcache_fixtures",
+    "support.socket_watch",
 ]
 
 TIERS = ("unit", "integration", "e2e", "differential")

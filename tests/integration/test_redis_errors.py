@@ -21,9 +21,10 @@ from support.cluster_fixtures import RedisCluster
 from support.fault_proxy import DelayProxy
 from support.redis_fixtures import HOST, RedisServer, free_port
 from support.service_env import base_env, write_rules
+from support.socket_watch import Connect
 
 from ratelimit_svc.app import App
-from ratelimit_svc.backends.redis.client import BACKOFF_INITIAL, ServerClient
+from ratelimit_svc.backends.redis.client import BACKOFF_INITIAL
 from ratelimit_svc.backends.redis.single import RedisStore
 from ratelimit_svc.errors import BackendError
 from ratelimit_svc.limiter.store import Increment
@@ -217,20 +218,11 @@ async def test_moved_outside_a_cluster_resets_the_connection(redis_cluster: Redi
         await store.close()
 
 
-async def test_reconnects_are_spaced_and_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_reconnects_are_spaced_and_shared(socket_connects: list[Connect]) -> None:
     """Nothing listens: after a refused connect, a burst of calls shares the next attempt (made
     after the backoff), instead of each opening its own."""
-    attempts: list[float] = []
-    original = ServerClient._open
-
-    async def counted(self: ServerClient) -> Any:
-        attempts.append(asyncio.get_running_loop().time())
-        return await original(self)
-
-    monkeypatch.setattr(ServerClient, "_open", counted)
-    store = RedisStore(
-        RedisSettings(socket_type="tcp", url=f"{HOST}:{free_port()}"), op_timeout=2.0
-    )
+    port = free_port()
+    store = RedisStore(RedisSettings(socket_type="tcp", url=f"{HOST}:{port}"), op_timeout=2.0)
     try:
         with pytest.raises(BackendError, match=r"refused|Connect call failed"):
             await store.ping()
@@ -241,5 +233,6 @@ async def test_reconnects_are_spaced_and_shared(monkeypatch: pytest.MonkeyPatch)
     finally:
         await store.close()
     assert all(isinstance(o, BackendError) for o in outcomes), outcomes
+    attempts = [c.at for c in socket_connects if c.address == (HOST, port)]
     assert len(attempts) == 2
     assert attempts[1] - attempts[0] >= BACKOFF_INITIAL * 0.9

@@ -5,14 +5,17 @@ never shown, and after a failover (SENTINEL FAILOVER) requests recover without r
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from support.cluster_fixtures import MASTER_NAME, REDIS_PASSWORD, SENTINEL_PASSWORD, SentinelSetup
+from support.redis_fixtures import free_port
 
 from ratelimit_svc.backends.redis import open_redis_store
+from ratelimit_svc.backends.redis.cluster import ClusterStore
 from ratelimit_svc.backends.redis.sentinel import SentinelStore
 from ratelimit_svc.errors import BackendError
 from ratelimit_svc.limiter.store import Increment
@@ -110,6 +113,34 @@ async def test_a_dead_sentinel_in_the_list_is_skipped(
     store = make_store(settings(f"{MASTER_NAME},127.0.0.1:1,{redis_sentinel.sentinel.url}"))
     await store.ping()
     assert await store.increment([Increment(KEY, 2, 60, 60)]) == [2]
+
+
+async def test_closing_a_subscribed_store_leaves_no_exception_behind(
+    redis_sentinel: SentinelSetup, make_store: Callable[..., SentinelStore]
+) -> None:
+    """Closing cancels the +switch-master subscription. Compiled, its cleanup once awaited in a
+    finally, which left the cancellation behind as the thread's handled exception; the next
+    compiled await in a finally (a cluster's slot-map refresh) raised it, so a startup PING
+    failed with CancelledError instead of BackendError (docs/performance.md, Compiled modules)."""
+    redis_sentinel.flushall()
+    assert redis_sentinel.sentinel is not None
+    store = make_store(settings(redis_sentinel.url))
+    assert await store.increment([Increment(KEY, 1, 60, 60)]) == [1]
+    with redis_sentinel.sentinel.client() as sentinel:
+        deadline = time.monotonic() + 10
+        while not any(int(c.get("sub", 0)) for c in sentinel.client_list()):
+            assert time.monotonic() < deadline, "the store never subscribed to +switch-master"
+            await asyncio.sleep(0.02)
+    await store.close()
+    assert sys.exc_info() == (None, None, None)
+    cluster = ClusterStore(
+        RedisSettings(type="cluster", url=f"127.0.0.1:{free_port()}"), op_timeout=1.0
+    )
+    try:
+        with pytest.raises(BackendError, match="CLUSTER SLOTS"):
+            await cluster.ping()
+    finally:
+        await cluster.close()
 
 
 @pytest.mark.parametrize(

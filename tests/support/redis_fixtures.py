@@ -17,7 +17,6 @@ Fixtures:
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import os
@@ -371,34 +370,3 @@ def redis_server_factory() -> Iterator[Any]:
     finally:
         for server in servers:
             server.close()
-
-
-@pytest.fixture
-def socket_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
-    """Every chunk of bytes any asyncio stream or Redis client connection writes while the test
-    runs, one item per socket write."""
-    from ratelimit_svc.backends.redis.protocol import Connection
-
-    writes: list[bytes] = []
-    original_connection_write = Connection._write
-
-    def connection_write(self: Connection, data: bytes) -> None:
-        writes.append(bytes(data))
-        original_connection_write(self, data)
-
-    original_write = asyncio.StreamWriter.write
-    original_writelines = asyncio.StreamWriter.writelines
-
-    def write(self: asyncio.StreamWriter, data: Any) -> None:
-        writes.append(bytes(data))
-        original_write(self, data)
-
-    def writelines(self: asyncio.StreamWriter, data: Any) -> None:
-        chunks = [bytes(chunk) for chunk in data]
-        writes.append(b"".join(chunks))
-        original_writelines(self, chunks)
-
-    monkeypatch.setattr(asyncio.StreamWriter, "write", write)
-    monkeypatch.setattr(asyncio.StreamWriter, "writelines", writelines)
-    monkeypatch.setattr(Connection, "_write", connection_write)
-    yield writes

@@ -88,7 +88,10 @@ class PerSecondStore:
 
 async def _both(first: Awaitable[_A], second: Awaitable[_B]) -> tuple[_A, _B]:
     """Both results; if either fails, its error once both have finished (nothing left running)."""
-    a, b = await asyncio.gather(first, second, return_exceptions=True)
+    # Through a tuple of awaitables: gather's two-argument form is typed as returning a tuple,
+    # and compiled code (docs/performance.md, Compiled modules) checks that; it returns a list.
+    both: tuple[Awaitable[object], ...] = (first, second)
+    a, b = await asyncio.gather(*both, return_exceptions=True)
     for result in (a, b):
         if isinstance(result, BaseException):
             raise result

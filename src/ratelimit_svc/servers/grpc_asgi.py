@@ -343,6 +343,8 @@ class GrpcAsgiApp:
         service = _health_service(request)
         health = self.health
         gone = asyncio.ensure_future(self._drain_until_disconnect(receive))
+        # Ended after each outcome, not in a finally: compiled code must not await there
+        # (docs/performance.md, Compiled modules).
         try:
             await send(_START)
             sent = None
@@ -358,19 +360,25 @@ class GrpcAsgiApp:
             if not gone.done():
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 await send(_trailers(Status.UNAVAILABLE, "the server is shutting down"))
-        finally:
-            if not gone.done():
-                # Once the stream has ended the server answers the pending receive with
-                # http.disconnect; cancelling it before then makes pyvoy complete a cancelled
-                # future (an InvalidStateError logged by the loop).
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(WATCH_END_SECONDS):
-                        await asyncio.shield(gone)
-                gone.cancel()
+        except BaseException:
+            await _end_watch(gone)
+            raise
+        await _end_watch(gone)
 
     async def _drain_until_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+
+
+async def _end_watch(gone: asyncio.Future[None]) -> None:
+    """Once the stream has ended the server answers the pending receive with http.disconnect;
+    cancelling it before then makes pyvoy complete a cancelled future (an InvalidStateError
+    logged by the loop). So wait a little for that, then cancel."""
+    if not gone.done():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(WATCH_END_SECONDS):
+                await asyncio.shield(gone)
+        gone.cancel()
 
 
 def _health_response(status: int) -> bytes:

@@ -75,6 +75,19 @@ def parse_cluster_slots(reply: Any, asked_host: str) -> list[str | None]:
     return slots
 
 
+async def _first_answer(
+    tasks: Sequence[asyncio.Future[list[str | None]]], errors: list[BaseException]
+) -> list[str | None] | None:
+    """The first slot map one of ``tasks`` answers; None when every one failed (their errors
+    appended to ``errors``)."""
+    for next_done in asyncio.as_completed(tasks):
+        try:
+            return await next_done
+        except BackendError as exc:
+            errors.append(exc)
+    return None
+
+
 class ClusterStore(CommandStore):
     """Counters in a Redis Cluster (REDIS_TYPE=cluster). Sockets open lazily."""
 
@@ -363,16 +376,18 @@ class ClusterStore(CommandStore):
                 asyncio.ensure_future(self._slots_from(name))
                 for name in candidates[start : start + REFRESH_FANOUT]
             ]
+            outcomes = asyncio.gather(*tasks, return_exceptions=True)  # none left unretrieved
             try:
-                for next_done in asyncio.as_completed(tasks):
-                    try:
-                        return await next_done
-                    except BackendError as exc:
-                        errors.append(exc)
+                slots = await _first_answer(tasks, errors)
             finally:
+                # No await in a finally: compiled, it re-raises a stale exception
+                # (docs/performance.md, Compiled modules). Cancelled, this call does not wait
+                # for the others; ``outcomes`` collects them.
                 for task in tasks:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await outcomes
+            if slots is not None:
+                return slots
         raise BackendError(
             f"redis: cluster {self.address}: no node answered CLUSTER SLOTS"
             + (f" (last error: {errors[-1]})" if errors else "")

@@ -136,6 +136,8 @@ class SentinelStore(CommandStore):
                     redact=self._redactor,
                     on_push=self._on_push,
                 )
+                # Closed after each outcome, not in a finally: compiled code must not await
+                # there (docs/performance.md, Compiled modules).
                 try:
                     await watcher.exchange([("SUBSCRIBE", SWITCH_MASTER)])
                     connection = watcher.connection
@@ -143,8 +145,10 @@ class SentinelStore(CommandStore):
                         await connection.lost
                 except BackendError as exc:
                     log.debug("redis sentinel: %s subscription lost: %s", SWITCH_MASTER, exc)
-                finally:
+                except BaseException:  # cancelled: the store is closing
                     await watcher.close()
+                    raise
+                await watcher.close()
             await asyncio.sleep(WATCH_RETRY_SECONDS)
 
     def _on_push(self, message: Any) -> None:
