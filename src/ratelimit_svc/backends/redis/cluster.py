@@ -88,6 +88,13 @@ async def _first_answer(
     return None
 
 
+async def _end_all(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Cancel those still running and wait until every one has ended."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class ClusterStore(CommandStore):
     """Counters in a Redis Cluster (REDIS_TYPE=cluster). Sockets open lazily."""
 
@@ -376,16 +383,14 @@ class ClusterStore(CommandStore):
                 asyncio.ensure_future(self._slots_from(name))
                 for name in candidates[start : start + REFRESH_FANOUT]
             ]
-            outcomes = asyncio.gather(*tasks, return_exceptions=True)  # none left unretrieved
+            # Not in a finally: compiled, an await there raises a stale exception
+            # (docs/performance.md, Compiled modules).
             try:
                 slots = await _first_answer(tasks, errors)
-            finally:
-                # No await in a finally: compiled, it re-raises a stale exception
-                # (docs/performance.md, Compiled modules). Cancelled, this call does not wait
-                # for the others; ``outcomes`` collects them.
-                for task in tasks:
-                    task.cancel()
-            await outcomes
+            except BaseException:  # cancelled: the refresh timed out, or the store closes
+                await _end_all(tasks)
+                raise
+            await _end_all(tasks)
             if slots is not None:
                 return slots
         raise BackendError(
