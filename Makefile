@@ -149,6 +149,7 @@ bench-reload: $(STAMP) $(COMPILED_STAMP)
 
 # ShouldRateLimit side by side with envoyproxy/ratelimit built from source (Go), ours on each gRPC
 # transport and the floors (scripts/bench.py, docs/performance.md): a table and .bench/results.json.
+# Then the counting algorithms' cost and the reload benchmark (the two targets below).
 # BENCH_QUICK=1 for a short run, BENCH_STRICT=1 to fail when a target is missed.
 .PHONY: bench
 bench: $(STAMP) $(COMPILED_STAMP)
@@ -158,6 +159,7 @@ bench: $(STAMP) $(COMPILED_STAMP)
 		nghttp2-client redis-server >/dev/null; } || true
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench_algorithms.py
+	$(BIN)/python scripts/bench_reload.py
 
 # CPU per request of each counting algorithm on Redis (scripts/bench_algorithms.py,
 # docs/algorithms.md (Cost)); also the last part of `make bench`.
