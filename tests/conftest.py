@@ -1,6 +1,7 @@
 """Fixtures for every tier, registered as plugins (no re-exports): the fake clock, the real
-servers and what the process does on its sockets (tests/support). Tiers: tests/unit (no processes, no network sockets; `make test-unit`),
-tests/integration (real Redis, memcached, service processes), tests/e2e (the real Envoy)."""
+servers and what the process does on its sockets (tests/support). Tiers: tests/unit (no
+processes, no network sockets; `make test-unit`), tests/integration (real Redis, memcached,
+service processes), tests/e2e (the real Envoy)."""
 
 from __future__ import annotations
 
