@@ -215,8 +215,8 @@ class Builder:
             or self.fixed_windows_only
         ):  # else none of these checks applies (one unit is never longer than 10 years)
             self.check_algorithm_fields(d, limit, algorithm, unit, path)
-        # Positional, in the order of Rule's fields: matching 15 keywords cost a fifth of making
-        # the rule (docs/reliability.md, "Where the time goes").
+        # Positional, in the order of Rule's fields: matching 15 keywords by name costs more
+        # (docs/reliability.md, "Where the time goes").
         return Rule(
             limit.requests_per_unit,
             unit,

@@ -64,28 +64,29 @@ _KEY_TAGS = {
 
 
 class _RuleFields(NamedTuple):
+    # The defaults are Rule.__new__'s: this class only names the fields.
     requests_per_unit: int
     unit: Unit
     stats_key: str
-    name: str = ""
-    replaces: frozenset[str] = frozenset()
-    unlimited: bool = False
-    shadow_mode: bool = False
-    quota_mode: bool = False
-    detailed_metric: bool = False
-    metadata: Mapping[str, Any] | None = None
+    name: str
+    replaces: frozenset[str]
+    unlimited: bool
+    shadow_mode: bool
+    quota_mode: bool
+    detailed_metric: bool
+    metadata: Mapping[str, Any] | None
     # docs/algorithms.md. A rule that leaves all of these at their defaults counts exactly as the
     # reference does, with the reference's keys.
-    algorithm: Algorithm = Algorithm.FIXED_WINDOW
-    unit_multiplier: int = 1
-    burst: int = 0  # token bucket size; 0: requests_per_unit
-    charge_only_when_admitted: bool = False
-    stats_suffix: str = ""  # appended to the stats key (each limit of a list has its own)
-    more: tuple[Rule, ...] = ()  # the further limits of a list (this rule is the first)
+    algorithm: Algorithm
+    unit_multiplier: int
+    burst: int  # token bucket size; 0: requests_per_unit
+    charge_only_when_admitted: bool
+    stats_suffix: str  # appended to the stats key (each limit of a list has its own)
+    more: tuple[Rule, ...]  # the further limits of a list (this rule is the first)
     # Counted as the reference counts: one fixed window of one unit, the reference's key. Derived
     # from the fields above when the rule is made, because the limiter asks for every descriptor
     # of every request.
-    classic: bool = True
+    classic: bool
 
 
 class Rule(_RuleFields):
